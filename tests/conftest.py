@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from rendering import render, snapshot_template  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def template_dir(tmp_path_factory) -> Path:
+    """A plain-directory copy of the template's working tree, shared by the session's renders."""
+    return snapshot_template(tmp_path_factory.mktemp("template"))
+
+
+@pytest.fixture(scope="session")
+def default_project(template_dir, tmp_path_factory) -> Path:
+    """The project a user gets by accepting every default."""
+    return render(template_dir, tmp_path_factory.mktemp("default") / "my-project")
+
+
+@pytest.fixture
+def render_project(template_dir, tmp_path):
+    """Render a project with the given answers (defaults for the rest) into a fresh directory."""
+    counter = iter(range(1_000))
+
+    def _render(**answers) -> Path:
+        return render(template_dir, tmp_path / f"project-{next(counter)}", answers)
+
+    return _render

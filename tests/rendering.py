@@ -1,0 +1,85 @@
+"""Render projects with Copier itself, and run their training entry point."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import copier
+import yaml
+
+from questionnaire import TEMPLATE_ROOT
+
+TEMPLATE_PARTS = ("copier.yml", "template", "hooks")
+
+
+def snapshot_template(dst: Path) -> Path:
+    """Copy the template's working tree to a plain directory.
+
+    Copier renders a plain directory as it is; a git checkout would be cloned at its latest tag
+    instead, which is slower and would not test uncommitted work.
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    for part in TEMPLATE_PARTS:
+        source = TEMPLATE_ROOT / part
+        if source.is_dir():
+            shutil.copytree(source, dst / part, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.is_file():
+            shutil.copy2(source, dst / part)
+    return dst
+
+
+def render(template: Path, dst: Path, answers: dict[str, Any] | None = None) -> Path:
+    """Render ``template`` into ``dst`` with ``answers`` (defaults for the rest), as `copier copy` does."""
+    copier.run_copy(
+        str(template), str(dst), data=answers or {}, defaults=True, unsafe=True, quiet=True, overwrite=True
+    )
+    return dst
+
+
+def project_answers(project: Path) -> dict[str, Any]:
+    return yaml.safe_load((project / ".copier-answers.yml").read_text())
+
+
+def project_env(project: Path) -> dict[str, str]:
+    """Environment for running a rendered project from its source tree without installing it."""
+    env = os.environ.copy()
+    env["PYTHONPATH"] = str(project / "src")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.setdefault("OMP_NUM_THREADS", "1")  # tests share two cores; oversubscription only slows them
+    return env
+
+
+def run_module(project: Path, module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m <package>.<module> args...`` in the project directory."""
+    package = project_answers(project)["package_name"]
+    return subprocess.run(
+        [sys.executable, "-m", f"{package}.{module}", *args],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def train(project: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Train the rendered project; fails the test with the output if training fails."""
+    result = run_module(project, "train", *overrides, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"training failed ({result.returncode}) for {project}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+SMOKE_OVERRIDES = (
+    "data.dataset=synthetic",
+    "data.synthetic_size=256",
+    "data.batch_size=32",
+    "log.progress_bar=false",
+)

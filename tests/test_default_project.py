@@ -1,0 +1,82 @@
+"""The project rendered with default answers trains, checkpoints, resumes exactly and checks its config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from rendering import SMOKE_OVERRIDES, project_env, run_module, train
+
+
+def test_default_project_trains_and_writes_checkpoints_and_summary(default_project, tmp_path):
+    out = tmp_path / "run"
+    result = train(default_project, *SMOKE_OVERRIDES, "epochs=2", f"output_dir={out}")
+
+    assert "epoch 2/2 |" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2
+    assert summary["global_step"] == 2 * (205 // 32)  # 256 samples, 51 held out, full batches only
+    assert summary["best_metric_name"] == "val_accuracy"
+    assert 0.0 <= summary["best_metric"] <= 1.0
+    assert summary["final_train_loss"] > 0.0
+
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(out / "checkpoints" / name, weights_only=True)
+        assert {"model", "optimizer", "epoch", "global_step", "best_metric", "rng", "config"} <= state.keys()
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 2
+
+
+def _final_state(path):
+    return torch.load(path / "checkpoints" / "last.pt", weights_only=True)
+
+
+def test_resume_matches_an_uninterrupted_run_bit_for_bit(default_project, tmp_path):
+    common = (*SMOKE_OVERRIDES, "deterministic=true")
+    train(default_project, *common, "epochs=4", f"output_dir={tmp_path / 'straight'}")
+    train(default_project, *common, "epochs=2", f"output_dir={tmp_path / 'split'}")
+    resumed = train(default_project, *common, "epochs=4", "resume=auto", f"output_dir={tmp_path / 'split'}")
+    assert "resumed from" in resumed.stdout
+
+    straight, split = _final_state(tmp_path / "straight"), _final_state(tmp_path / "split")
+    assert straight["global_step"] == split["global_step"]
+    assert straight["model"].keys() == split["model"].keys()
+    for key, tensor in straight["model"].items():
+        assert torch.equal(tensor, split["model"][key]), key
+    for param_id, moments in straight["optimizer"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(split["optimizer"]["state"][param_id][name]))
+
+
+def test_unknown_or_mistyped_config_keys_exit_nonzero_naming_the_key(default_project, tmp_path):
+    for override, expected in [
+        ("optim.lrr=0.1", "unknown config key 'optim.lrr'"),
+        ("data.batch_size=ten", "data.batch_size: expected int"),
+        ("data.batch_size=0", "data.batch_size must be >= 1"),
+        ("data.dataset=mnist", "'digits', 'synthetic'"),
+    ]:
+        result = run_module(default_project, "train", override, f"output_dir={tmp_path}")
+        assert result.returncode != 0
+        assert expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_config_file_that_is_not_yaml_is_refused(default_project, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1, 2\n")
+    result = run_module(default_project, "train", "--config", str(bad))
+    assert result.returncode != 0
+    assert "is not valid YAML" in result.stderr
+
+
+def test_rendered_project_passes_its_own_tests(default_project):
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=default_project,
+        env=project_env(default_project),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]
