@@ -31,3 +31,25 @@ def render_project(template_dir, tmp_path):
         return render(template_dir, tmp_path / f"project-{next(counter)}", answers)
 
     return _render
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "exhaustive: the exhaustive combination matrix (run with: pytest -m exhaustive)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The exhaustive tier runs only when asked for by marker: ``pytest -m exhaustive``."""
+    if "exhaustive" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="exhaustive matrix tier: run with pytest -m exhaustive")
+    for item in items:
+        if "exhaustive" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the matrix tiers' counts (recorded by tests/test_matrix.py, also under pytest-xdist)."""
+    for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+        for name, value in getattr(report, "user_properties", []):
+            if name == "matrix":
+                terminalreporter.write_line(value)

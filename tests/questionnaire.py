@@ -26,11 +26,16 @@ def _environment() -> jinja2.Environment:
     return jinja2.Environment(extensions=["jinja2_ansible_filters.AnsibleCoreFiltersExtension"])
 
 
+@cache
+def _compiled(source: str) -> jinja2.Template:
+    return _environment().from_string(source)
+
+
 def render_value(value: Any, answers: dict[str, Any]) -> Any:
     """Render a Jinja string from copier.yml (a default or a ``when``) against earlier answers."""
     if not isinstance(value, str) or "{" not in value:
         return value
-    return _environment().from_string(value).render(**answers)
+    return _compiled(value).render(**answers)
 
 
 @dataclass(frozen=True)
@@ -136,3 +141,205 @@ def combinations(axes: list[str], base: dict[str, Any] | None = None) -> Iterato
             yield from expand(index + 1, {**chosen, q.name: option})
 
     yield from expand(0, dict(base or {}))
+
+
+# --- The combination matrix ----------------------------------------------------------------------
+
+# The six design axes whose every combination the exhaustive tier trains. Axes not (yet) in copier.yml
+# are skipped, so the matrix grows by itself as questions are added.
+DESIGN_AXES = ("device", "parallelism", "scheduler", "freezing", "amp", "loggers")
+
+
+def design_axes() -> list[str]:
+    """The design axes that copier.yml asks, in questionnaire order."""
+    names = [q.name for q in questions()]
+    return [name for name in names if name in DESIGN_AXES]
+
+
+def choice_questions() -> list[str]:
+    """Questions whose answer chooses code: choices, booleans and multi-selects (free text chooses none)."""
+    return [q.name for q in questions() if q.options()]
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable form of an answer (multi-select answers are lists)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _mentions(source: Any, name: str) -> bool:
+    return isinstance(source, str) and name in source
+
+
+def product_size(axes: list[str], base: dict[str, Any] | None = None) -> int:
+    """How many combinations of ``axes`` copier.yml allows, computed as a product.
+
+    An axis whose answer no later ``when`` (or default) looks at contributes a plain factor, the number
+    of its options, or 1 when it is not asked; only axes that a later condition depends on are branched
+    over. ``combinations(axes)`` enumerates the same set one by one, so the two must agree.
+    """
+    specs = {q.name: q for q in questions()}
+
+    def count(index: int, chosen: dict[str, Any]) -> int:
+        if index == len(axes):
+            return 1
+        q = specs[axes[index]]
+        if not q.is_asked(resolve_answers(chosen)):
+            return count(index + 1, chosen)
+        later = [specs[name] for name in list(specs)[list(specs).index(q.name) + 1 :]]
+        if not any(_mentions(other.when, q.name) or _mentions(other.default, q.name) for other in later):
+            return len(q.options()) * count(index + 1, chosen)
+        return sum(count(index + 1, {**chosen, q.name: option}) for option in q.options())
+
+    return count(0, dict(base or {}))
+
+
+Pair = tuple[tuple[str, Any], tuple[str, Any]]
+
+
+def _pairs_of(answers: dict[str, Any], names: list[str]) -> set[Pair]:
+    present = [(name, _freeze(answers[name])) for name in names if name in answers]
+    return {(a, b) for i, a in enumerate(present) for b in present[i + 1 :]}
+
+
+def _resolver(specs: tuple[Question, ...]):
+    """``resolve_answers`` over ``specs`` instead of copier.yml's questions."""
+
+    def resolve(chosen: dict[str, Any]) -> dict[str, Any]:
+        answers: dict[str, Any] = {}
+        for q in specs:
+            if not q.is_asked(answers):
+                continue
+            answers[q.name] = chosen[q.name] if q.name in chosen else q.default_for(answers)
+        return answers
+
+    return resolve
+
+
+def _holds(answers: dict[str, Any], fixed: dict[str, Any]) -> bool:
+    return all(name in answers and _freeze(answers[name]) == _freeze(value) for name, value in fixed.items())
+
+
+def _witness(fixed: dict[str, Any], specs: tuple[Question, ...]) -> dict[str, Any] | None:
+    """Answers under which every question in ``fixed`` is asked with its fixed answer, or None.
+
+    Depth-first over the questions in order; only a question that a later ``when`` (or default) refers to
+    is branched over (its default first), every other one takes its default.
+    """
+    names = [q.name for q in specs]
+    gating = {
+        q.name
+        for i, q in enumerate(specs)
+        if any(_mentions(later.when, q.name) or _mentions(later.default, q.name) for later in specs[i + 1 :])
+    }
+
+    def search(index: int, answers: dict[str, Any]) -> dict[str, Any] | None:
+        if index == len(specs):
+            return answers
+        q = specs[index]
+        if not q.is_asked(answers):
+            return None if q.name in fixed else search(index + 1, answers)
+        if q.name in fixed:
+            candidates = [fixed[q.name]]
+        elif q.name in gating and q.options():
+            default = q.default_for(answers)
+            candidates = [default, *(o for o in q.options() if _freeze(o) != _freeze(default))]
+        else:
+            candidates = [q.default_for(answers)]
+        for value in candidates:
+            found = search(index + 1, {**answers, q.name: value})
+            if found is not None:
+                return found
+        return None
+
+    assert set(fixed) <= set(names)
+    return search(0, {})
+
+
+def _possible_pairs(names: list[str], specs: tuple[Question, ...]) -> dict[Pair, dict[str, Any]]:
+    """Every pair of answers of two of ``names`` that some combination holds, with one such combination."""
+    by_name = {q.name: q for q in specs}
+    possible = {}
+    for i, n1 in enumerate(names):
+        for n2 in names[i + 1 :]:
+            for v1 in by_name[n1].options():
+                for v2 in by_name[n2].options():
+                    witness = _witness({n1: v1, n2: v2}, specs)
+                    if witness is not None:
+                        possible[((n1, _freeze(v1)), (n2, _freeze(v2)))] = witness
+    return possible
+
+
+def pairwise(names: list[str] | None = None, specs: tuple[Question, ...] | None = None) -> list[dict[str, Any]]:
+    """A covering set: every pair of answers of any two of ``names`` is in at least one combination.
+
+    Greedy (AETG-like) and deterministic. Each new combination starts from the first uncovered pair
+    (plus whatever answers its ``when`` conditions need, from ``_witness``) and gives every other
+    question, in questionnaire order, the answer that covers the most uncovered pairs with the answers
+    chosen so far, ties to the earlier option, never one that would un-ask the seed pair. Combinations
+    are completed with the questionnaire's own resolution, so a question not asked is absent and an
+    impossible pair is never required. Every answer of every question appears at least once.
+    ``specs`` replaces copier.yml's questions (to test the generator itself).
+    """
+    specs = specs or questions()
+    by_name = {q.name: q for q in specs}
+    names = names or [q.name for q in specs if q.options()]
+    resolve = _resolver(specs)
+    options = {name: by_name[name].options() for name in names}
+    order = {name: i for i, name in enumerate(names)}
+    possible = _possible_pairs(names, specs)
+    uncovered = set(possible)
+    rows: list[dict[str, Any]] = []
+    for seed in possible:  # dicts keep insertion order: deterministic
+        if seed not in uncovered:
+            continue
+        fixed = {name: value for name, value in seed}
+        witness = possible[seed]
+        defaults = resolve({})
+        chosen = {name: value for name, value in witness.items() if _freeze(defaults.get(name)) != _freeze(value)}
+        chosen.update({name: options[name][_index(options[name], value)] for name, value in seed})
+        for name in names:
+            if name in chosen or name not in resolve(chosen):
+                continue
+            best, best_gain = None, -1
+            for option in options[name]:
+                if not _holds(resolve({**chosen, name: option}), fixed):
+                    continue
+                gain = sum(
+                    _ordered((name, _freeze(option)), (other, _freeze(value)), order) in uncovered
+                    for other, value in chosen.items()
+                    if other in order and other != name
+                )
+                if gain > best_gain:
+                    best, best_gain = option, gain
+            chosen[name] = best
+        answers = resolve(chosen)
+        assert _holds(answers, fixed), (seed, answers)
+        uncovered -= _pairs_of(answers, names)
+        rows.append(answers)
+    # Each answer at least once, also one that pairs with nothing (a lone question).
+    for name in names:
+        for option in options[name]:
+            if any(_freeze(row.get(name)) == _freeze(option) for row in rows):
+                continue
+            witness = _witness({name: option}, specs)
+            if witness is not None:
+                rows.append(resolve(witness))
+    return rows
+
+
+def _ordered(a: tuple[str, Any], b: tuple[str, Any], order: dict[str, int]) -> Pair:
+    return (a, b) if order[a[0]] < order[b[0]] else (b, a)
+
+
+def _index(options: list[Any], frozen: Any) -> int:
+    return next(i for i, option in enumerate(options) if _freeze(option) == frozen)
+
+
+def uncovered_pairs(
+    rows: list[dict[str, Any]], names: list[str], specs: tuple[Question, ...] | None = None
+) -> set[Pair]:
+    """Pairs of answers that some combination could hold but none of ``rows`` does (empty when covering)."""
+    covered: set[Pair] = set()
+    for row in rows:
+        covered |= _pairs_of(row, names)
+    return set(_possible_pairs(names, specs or questions())) - covered

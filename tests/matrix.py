@@ -1,0 +1,316 @@
+"""Render and smoke-train many answer combinations fast, in long-lived worker processes.
+
+A fresh interpreter per combination would pay for importing torch every time (seconds). Instead one
+worker per core imports torch once and then, for each combination in turn: renders it with Copier,
+imports the rendered package (purging the previous one from ``sys.modules``, since every render shares
+``package_name``), builds the config with the rendered ``config.load_config`` plus smoke overrides and
+calls the in-process ``fit(cfg)``. It then checks a finite training loss, at least two optimiser steps,
+``summary.json`` and a checkpoint that loads with ``torch.load(weights_only=True)`` back into the model.
+DDP combinations run ``fit`` in two forked gloo processes (``RANK``/``WORLD_SIZE``/``MASTER_*`` set).
+Each worker lints its batch of projects with ONE ``ruff check`` and ONE ``ruff format --check`` call
+and byte-compiles them.
+
+    python tests/matrix.py --tier pairwise        # or --tier exhaustive [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import contextlib
+import importlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from questionnaire import choice_questions, combinations, design_axes, pairwise  # noqa: E402
+from rendering import SMOKE_OVERRIDES, render, snapshot_template  # noqa: E402
+
+# Smoke run: 256 synthetic samples, batches of 32, one epoch: 6 optimiser steps (>= 2 on each DDP rank).
+MATRIX_OVERRIDES = (*SMOKE_OVERRIDES, "epochs=1")
+BATCH_SIZE = 24  # combinations per worker task: one ruff call per batch
+DDP_WORLD_SIZE = 2
+
+
+def tier_combinations(tier: str) -> list[dict[str, Any]]:
+    """``pairwise``: a covering set over every choice question; ``exhaustive``: every design-axis combination."""
+    if tier == "pairwise":
+        return pairwise(choice_questions())
+    if tier == "exhaustive":
+        return list(combinations(design_axes()))
+    raise ValueError(f"unknown tier {tier!r}; valid tiers: pairwise, exhaustive")
+
+
+def tier_environment(tier: str) -> dict[str, str]:
+    """Environment for the training runs of a tier.
+
+    The exhaustive tier runs wandb in its disabled mode: its real offline files are proven by the
+    logging tests, and starting its service per run would dominate the tier's time. The pairwise tier
+    keeps every backend real (offline).
+    """
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    if tier == "exhaustive":
+        env["WANDB_MODE"] = "disabled"
+    return env
+
+
+@dataclass
+class Outcome:
+    answers: dict[str, Any]
+    render_s: float = 0.0
+    train_s: float = 0.0
+    error: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# --- worker side -----------------------------------------------------------------------------------
+
+_TEMPLATE: Path | None = None
+
+
+def _init_worker(template: str, env: dict[str, str]) -> None:
+    global _TEMPLATE
+    _TEMPLATE = Path(template)
+    os.environ.update(env)
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _purge(package: str) -> None:
+    for name in [name for name in sys.modules if name == package or name.startswith(package + ".")]:
+        del sys.modules[name]
+
+
+@contextlib.contextmanager
+def _project_imported(project: Path, package: str) -> Iterator[Any]:
+    """Import the rendered ``package`` from ``project/src``, with the project as working directory."""
+    _purge(package)
+    importlib.invalidate_caches()
+    src = str(project / "src")
+    sys.path.insert(0, src)
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        yield importlib.import_module(f"{package}.train")
+    finally:
+        os.chdir(cwd)
+        sys.path.remove(src)
+        _purge(package)
+
+
+def _fit(project: Path, package: str, overrides: tuple[str, ...]) -> dict[str, Any]:
+    import torch
+
+    torch.use_deterministic_algorithms(False)  # fit() may have switched it on in an earlier combination
+    with _project_imported(project, package) as train:
+        config = importlib.import_module(f"{package}.config")
+        cfg = config.load_config(project / "configs" / "default.yaml", list(overrides))
+        return train.fit(cfg)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_rank(rank: int, port: int, project: Path, package: str, overrides: tuple[str, ...]) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(DDP_WORLD_SIZE),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            _fit(project, package, overrides)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def _fit_ddp(project: Path, package: str, overrides: tuple[str, ...]) -> None:
+    """Two gloo ranks, forked from this worker: torch is already imported, so each starts in milliseconds."""
+    context = multiprocessing.get_context("fork")
+    port = _free_port()
+    ranks = [
+        context.Process(target=_ddp_rank, args=(rank, port, project, package, overrides))
+        for rank in range(DDP_WORLD_SIZE)
+    ]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=300)
+    codes = [process.exitcode for process in ranks]
+    for process in ranks:
+        if process.is_alive():
+            process.kill()
+    if codes != [0] * DDP_WORLD_SIZE:
+        raise RuntimeError(f"DDP ranks exited with {codes}")
+
+
+def _check_outputs(project: Path, package: str, out: Path) -> dict[str, Any]:
+    import torch
+
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        raise AssertionError(f"no summary.json in {out}")
+    summary = json.loads(summary_path.read_text())
+    if not math.isfinite(summary["final_train_loss"]):
+        raise AssertionError(f"training loss is not finite: {summary['final_train_loss']}")
+    if summary["global_step"] < 2:
+        raise AssertionError(f"only {summary['global_step']} optimiser steps")
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    with _project_imported(project, package):
+        config = importlib.import_module(f"{package}.config")
+        model = importlib.import_module(f"{package}.model")
+        cfg = config.load_config(project / "configs" / "default.yaml", list(MATRIX_OVERRIDES))
+        model.build_model(cfg.model).load_state_dict(state["model"])
+    return summary
+
+
+def run_one(answers: dict[str, Any], project: Path) -> Outcome:
+    outcome = Outcome(answers)
+    started = time.perf_counter()
+    try:
+        render(_TEMPLATE, project, answers)
+        outcome.render_s = time.perf_counter() - started
+        package = answers["package_name"]
+        out = project / "runs" / "matrix"
+        overrides = (*MATRIX_OVERRIDES, f"output_dir={out}")
+        started = time.perf_counter()
+        if answers.get("parallelism") == "ddp":
+            _fit_ddp(project, package, overrides)
+        else:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                _fit(project, package, overrides)
+        outcome.train_s = time.perf_counter() - started
+        outcome.summary = _check_outputs(project, package, out)
+    except BaseException as err:  # noqa: BLE001 - every failure is reported with its combination
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        outcome.error = "".join(traceback.format_exception(err))[-3000:]
+    return outcome
+
+
+def _lint(projects: dict[Path, Outcome]) -> None:
+    """One ruff check and one ruff format call for the whole batch; failures go to their combination."""
+    if not projects:
+        return
+    paths = [str(path) for path in projects]
+    for args in (["check", "--no-cache", "--output-format=concise"], ["format", "--check", "--no-cache"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", *args, *paths], capture_output=True, text=True, check=False
+        )
+        if result.returncode == 0:
+            continue
+        report = result.stdout + result.stderr
+        for path, outcome in projects.items():
+            lines = [line for line in report.splitlines() if str(path) + os.sep in line]
+            if lines and outcome.error is None:
+                outcome.error = f"ruff {args[0]}:\n" + "\n".join(lines[:20])
+        if not any(str(path) + os.sep in report for path in projects):
+            raise RuntimeError(f"ruff {args[0]} failed:\n{report}")
+    for path, outcome in projects.items():
+        if outcome.error is None and not compileall.compile_dir(path, quiet=2, force=True):
+            outcome.error = "byte-compile failed"
+
+
+def run_batch(batch: list[dict[str, Any]]) -> list[Outcome]:
+    """Render, train and check ``batch`` in this worker; lint the batch's projects together."""
+    workdir = Path(tempfile.mkdtemp(prefix="matrix-"))
+    try:
+        outcomes: dict[Path, Outcome] = {}
+        for index, answers in enumerate(batch):
+            project = workdir / f"p{index}"
+            outcome = run_one(answers, project)
+            if outcome.error is None:
+                shutil.rmtree(project / "runs", ignore_errors=True)
+            outcomes[project] = outcome
+        _lint({path: outcome for path, outcome in outcomes.items() if outcome.error is None})
+        return list(outcomes.values())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- driver side -----------------------------------------------------------------------------------
+
+
+@dataclass
+class MatrixResult:
+    outcomes: list[Outcome]
+    wall_s: float
+
+    @property
+    def failures(self) -> list[Outcome]:
+        return [outcome for outcome in self.outcomes if outcome.error is not None]
+
+    def median_render_s(self) -> float:
+        return statistics.median(outcome.render_s for outcome in self.outcomes) if self.outcomes else 0.0
+
+    def median_train_s(self) -> float:
+        return statistics.median(outcome.train_s for outcome in self.outcomes) if self.outcomes else 0.0
+
+    def describe_failures(self, limit: int = 5) -> str:
+        return "\n\n".join(f"{outcome.answers}\n{outcome.error}" for outcome in self.failures[:limit])
+
+
+def run_matrix(
+    combos: list[dict[str, Any]],
+    tier: str = "pairwise",
+    workers: int | None = None,
+    template: Path | None = None,
+) -> MatrixResult:
+    """Render, train and lint every combination in ``workers`` long-lived processes (one per core)."""
+    workers = workers or os.cpu_count() or 1
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="matrix-template-") as scratch:
+        template = template or snapshot_template(Path(scratch) / "template")
+        # Interleave so each worker gets a mix of cheap and costly (e.g. DDP) combinations.
+        size = max(1, min(BATCH_SIZE, math.ceil(len(combos) / (workers * 2))))
+        batches = [combos[i : i + size] for i in range(0, len(combos), size)]
+        # spawn: a clean interpreter per worker (forking a process with torch's threads running is unsafe).
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, initializer=_init_worker, initargs=(str(template), tier_environment(tier))) as pool:
+            outcomes = [outcome for batch in pool.imap(run_batch, batches) for outcome in batch]
+    return MatrixResult(outcomes, time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tier", choices=("pairwise", "exhaustive"), default="pairwise")
+    parser.add_argument("--limit", type=int, default=None, help="run only the first N combinations")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    args = parser.parse_args(argv)
+    combos = tier_combinations(args.tier)[: args.limit]
+    result = run_matrix(combos, args.tier, args.workers)
+    print(
+        f"{args.tier}: {len(result.outcomes)} combinations rendered and trained in {result.wall_s:.1f}s, "
+        f"{len(result.failures)} failed"
+    )
+    if result.failures:
+        print(result.describe_failures())
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The combination matrix: every pair of answers (pairwise tier) or every design-axis combination
+(exhaustive tier, ``pytest -m exhaustive``) renders with Copier, trains, checkpoints and lints clean.
+
+The tiers run in long-lived worker processes (tests/matrix.py); these tests also prove that the
+covering-set generator covers every pair and that the counted product matches the enumeration.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from matrix import run_matrix, tier_combinations
+from questionnaire import (
+    Question,
+    choice_questions,
+    combinations,
+    design_axes,
+    pairwise,
+    product_size,
+    questions,
+    uncovered_pairs,
+)
+
+
+def _all_pairs(rows, names):
+    return {
+        ((a, repr(row[a])), (b, repr(row[b])))
+        for row in rows
+        for a, b in itertools.combinations([n for n in names if n in row], 2)
+    }
+
+
+SYNTHETIC = (
+    Question("size", "str", ("s", "m", "l"), False, "m", True),
+    Question("gpu", "bool", (), False, False, True),
+    # Asked only with a GPU: its answers pair with gpu=True only, never with gpu=False.
+    Question("precision", "str", ("fp32", "bf16", "fp16"), False, "fp32", "{{ gpu }}"),
+    Question("extras", "str", ("a", "b", "c"), True, [], True),
+    Question("name", "str", (), False, "x", True),  # free text: chooses no code, not multiplied
+    Question("opt", "str", ("adam", "sgd"), False, "adam", True),
+)
+
+
+def _synthetic_exhaustive():
+    names = [q.name for q in SYNTHETIC]
+    options = [q.options() or [q.default] for q in SYNTHETIC]
+    resolve_rows = []
+    for values in itertools.product(*options):
+        answers = {}
+        for q, value in zip(SYNTHETIC, values, strict=True):
+            if q.is_asked(answers):
+                answers[q.name] = value
+        resolve_rows.append(answers)
+    return resolve_rows, names
+
+
+def test_pairwise_set_covers_every_possible_pair_of_a_synthetic_questionnaire():
+    names = [q.name for q in SYNTHETIC if q.options()]
+    rows = pairwise(names, specs=SYNTHETIC)
+    everything, _ = _synthetic_exhaustive()
+
+    # Every pair that some full combination holds, found by brute force, is in the covering set.
+    assert _all_pairs(everything, names) <= _all_pairs(rows, names)
+    # ...and the set holds no impossible pair: precision only appears with a GPU.
+    assert all(row["gpu"] for row in rows if "precision" in row)
+    assert not any("precision" in row for row in rows if not row["gpu"])
+    # every subset of the multi-select is some row's answer; far fewer rows than the 3*2*(1+3)*8*2 product
+    assert {tuple(row["extras"]) for row in rows} == {tuple(option) for option in SYNTHETIC[3].options()}
+    assert len(rows) < len(everything) / 4
+    assert rows == pairwise(names, specs=SYNTHETIC), "the covering set must be deterministic"
+
+
+def test_pairwise_set_covers_every_pair_and_every_answer_of_copier_yml():
+    names = choice_questions()
+    rows = pairwise(names)
+    assert uncovered_pairs(rows, names) == set()
+    for name in names:
+        q = next(q for q in questions() if q.name == name)
+        used = {repr(row[name]) for row in rows if name in row}
+        assert used == {repr(option) for option in q.options()}, name
+
+
+def test_exhaustive_product_counted_from_copier_yml_equals_the_enumeration():
+    axes = design_axes()
+    assert axes, "copier.yml asks no design axis"
+    assert product_size(axes) == len(list(combinations(axes)))
+    assert product_size(choice_questions()) == len(list(combinations(choice_questions())))
+
+
+def _run_tier(tier, record_property):
+    combos = tier_combinations(tier)
+    expected = len(combos) if tier == "pairwise" else product_size(design_axes())
+    result = run_matrix(combos, tier)
+    message = (
+        f"{tier} tier: {len(result.outcomes)} combinations rendered and trained (expected {expected}) "
+        f"in {result.wall_s:.0f}s; median render {result.median_render_s():.2f}s, "
+        f"train {result.median_train_s():.2f}s"
+    )
+    print(message)
+    record_property("matrix", message)
+    assert not result.failures, f"{len(result.failures)} combinations failed:\n{result.describe_failures()}"
+    assert len(result.outcomes) == expected
+    assert all(outcome.summary["global_step"] >= 2 for outcome in result.outcomes)
+
+
+def test_pairwise_tier_every_combination_renders_trains_checkpoints_and_lints_clean(record_property):
+    _run_tier("pairwise", record_property)
+
+
+@pytest.mark.exhaustive
+def test_exhaustive_tier_every_design_axis_combination_renders_trains_checkpoints_and_lints_clean(
+    record_property,
+):
+    _run_tier("exhaustive", record_property)
+
+
+def test_matrix_runner_reports_the_combination_that_fails():
+    combos = [*tier_combinations("pairwise")[:1], {**tier_combinations("pairwise")[0], "package_name": "class"}]
+    result = run_matrix(combos, "pairwise", workers=1)
+    assert len(result.outcomes) == 2
+    assert [outcome.answers["package_name"] for outcome in result.failures] == ["class"]
+    assert "is a Python keyword" in result.failures[0].error
