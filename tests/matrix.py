@@ -42,8 +42,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from questionnaire import choice_questions, combinations, design_axes, pairwise  # noqa: E402
 from rendering import SMOKE_OVERRIDES, render, snapshot_template  # noqa: E402
 
-# Smoke run: 256 synthetic samples, batches of 32, one epoch: 6 optimiser steps (>= 2 on each DDP rank).
-MATRIX_OVERRIDES = (*SMOKE_OVERRIDES, "epochs=1")
+# Smoke run: one epoch on 160 synthetic samples (128 for training) in batches of 16 with a narrow model:
+# 8 optimiser steps, 4 on each of two DDP ranks.
+MATRIX_OVERRIDES = (
+    *SMOKE_OVERRIDES,
+    "data.synthetic_size=160",
+    "data.batch_size=16",
+    "model.width=8",
+    "epochs=1",
+)
 BATCH_SIZE = 24  # combinations per worker task: one ruff call per batch
 DDP_WORLD_SIZE = 2
 
@@ -84,10 +91,71 @@ class Outcome:
 _TEMPLATE: Path | None = None
 
 
+def _reuse_copier_work() -> None:
+    """Let consecutive Copier renders in this worker share work that does not depend on the answers.
+
+    Copier still renders every file of every combination. Two per-render costs are shared:
+    - Jinja compiles the same template sources (files, paths, questions' defaults and ``when``) to the
+      same Python code on every render, since Copier builds a fresh environment each time: the code
+      objects are kept per source and environment settings (what Jinja's own bytecode cache does for
+      loader templates), and extensions' ``preprocess`` hooks still run on every use.
+    - After writing each file Copier probes ``git config core.fileMode`` (one subprocess per file) to
+      fix up the destination's git index; the matrix renders into fresh temporary directories outside
+      any git repository, where Copier documents the step as a no-op.
+    - Copier asks git (three subprocesses) whether the template path is a repository or a bundle on
+      every render; the answer for the worker's one template directory is kept.
+    """
+    import functools
+
+    import copier._main
+    import copier._template
+    import jinja2
+
+    original_compile = jinja2.Environment.compile
+    compiled: dict[tuple, Any] = {}
+
+    def compile_once(self, source, name=None, filename=None, raw=False, defer_init=False):
+        if raw or not isinstance(source, str):
+            return original_compile(self, source, name, filename, raw, defer_init)
+        key = (
+            type(self),
+            tuple(sorted(self.extensions)),
+            self.block_start_string,
+            self.block_end_string,
+            self.variable_start_string,
+            self.variable_end_string,
+            self.comment_start_string,
+            self.comment_end_string,
+            self.line_statement_prefix,
+            self.line_comment_prefix,
+            self.trim_blocks,
+            self.lstrip_blocks,
+            self.newline_sequence,
+            self.keep_trailing_newline,
+            self.optimized,
+            self.is_async,
+            source,
+            name,
+            filename,
+            defer_init,
+        )
+        if key not in compiled:
+            compiled[key] = original_compile(self, source, name, filename, raw, defer_init)
+        else:
+            for extension in self.iter_extensions():
+                extension.preprocess(source, name, filename)
+        return compiled[key]
+
+    jinja2.Environment.compile = compile_once
+    copier._main.Worker._sync_git_index_executable_bit = lambda self, dst_relpath, src_mode: None
+    copier._template.get_repo = functools.cache(copier._template.get_repo)
+
+
 def _init_worker(template: str, env: dict[str, str]) -> None:
     global _TEMPLATE
     _TEMPLATE = Path(template)
     os.environ.update(env)
+    _reuse_copier_work()
     import torch
 
     torch.set_num_threads(1)
@@ -115,14 +183,17 @@ def _project_imported(project: Path, package: str) -> Iterator[Any]:
         _purge(package)
 
 
-def _fit(project: Path, package: str, overrides: tuple[str, ...]) -> dict[str, Any]:
+def _fit(project: Path, package: str, overrides: tuple[str, ...], train: bool = True) -> dict[str, Any]:
+    """Train (unless ``train`` is False), then check the outputs with the same imported package."""
     import torch
 
     torch.use_deterministic_algorithms(False)  # fit() may have switched it on in an earlier combination
-    with _project_imported(project, package) as train:
+    with _project_imported(project, package) as module:
         config = importlib.import_module(f"{package}.config")
         cfg = config.load_config(project / "configs" / "default.yaml", list(overrides))
-        return train.fit(cfg)
+        if train:
+            module.fit(cfg)
+        return _check_outputs(importlib.import_module(f"{package}.model"), cfg)
 
 
 def _free_port() -> int:
@@ -168,9 +239,11 @@ def _fit_ddp(project: Path, package: str, overrides: tuple[str, ...]) -> None:
         raise RuntimeError(f"DDP ranks exited with {codes}")
 
 
-def _check_outputs(project: Path, package: str, out: Path) -> dict[str, Any]:
+def _check_outputs(model_module: Any, cfg: Any) -> dict[str, Any]:
+    """Finite loss, >= 2 optimiser steps, summary.json, a checkpoint that loads back into the model."""
     import torch
 
+    out = Path(cfg.output_dir)
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise AssertionError(f"no summary.json in {out}")
@@ -180,11 +253,7 @@ def _check_outputs(project: Path, package: str, out: Path) -> dict[str, Any]:
     if summary["global_step"] < 2:
         raise AssertionError(f"only {summary['global_step']} optimiser steps")
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    with _project_imported(project, package):
-        config = importlib.import_module(f"{package}.config")
-        model = importlib.import_module(f"{package}.model")
-        cfg = config.load_config(project / "configs" / "default.yaml", list(MATRIX_OVERRIDES))
-        model.build_model(cfg.model).load_state_dict(state["model"])
+    model_module.build_model(cfg.model).load_state_dict(state["model"])
     return summary
 
 
@@ -198,13 +267,12 @@ def run_one(answers: dict[str, Any], project: Path) -> Outcome:
         out = project / "runs" / "matrix"
         overrides = (*MATRIX_OVERRIDES, f"output_dir={out}")
         started = time.perf_counter()
-        if answers.get("parallelism") == "ddp":
+        ddp = answers.get("parallelism") == "ddp"
+        if ddp:
             _fit_ddp(project, package, overrides)
-        else:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                _fit(project, package, overrides)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            outcome.summary = _fit(project, package, overrides, train=not ddp)
         outcome.train_s = time.perf_counter() - started
-        outcome.summary = _check_outputs(project, package, out)
     except BaseException as err:  # noqa: BLE001 - every failure is reported with its combination
         if isinstance(err, KeyboardInterrupt):
             raise
@@ -237,15 +305,14 @@ def _lint(projects: dict[Path, Outcome]) -> None:
 
 def run_batch(batch: list[dict[str, Any]]) -> list[Outcome]:
     """Render, train and check ``batch`` in this worker; lint the batch's projects together."""
-    workdir = Path(tempfile.mkdtemp(prefix="matrix-"))
+    # In memory where possible: every combination writes and deletes a project and its checkpoints.
+    shm = Path("/dev/shm")
+    workdir = Path(tempfile.mkdtemp(prefix="matrix-", dir=shm if os.access(shm, os.W_OK) else None))
     try:
         outcomes: dict[Path, Outcome] = {}
         for index, answers in enumerate(batch):
             project = workdir / f"p{index}"
-            outcome = run_one(answers, project)
-            if outcome.error is None:
-                shutil.rmtree(project / "runs", ignore_errors=True)
-            outcomes[project] = outcome
+            outcomes[project] = run_one(answers, project)
         _lint({path: outcome for path, outcome in outcomes.items() if outcome.error is None})
         return list(outcomes.values())
     finally:
