@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -207,36 +208,62 @@ def _ddp_rank(rank: int, port: int, project: Path, package: str, overrides: tupl
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(DDP_WORLD_SIZE),
+        LOCAL_WORLD_SIZE=str(DDP_WORLD_SIZE),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    log = io.StringIO()
+    code = 0
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            _fit(project, package, overrides)
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            _fit_only(project, package, overrides)
     except BaseException:
-        traceback.print_exc()
-        os._exit(1)
-    os._exit(0)
+        log.write(traceback.format_exc())
+        code = 1
+    (project / f"rank{rank}.log").write_text(log.getvalue())
+    os._exit(code)  # no atexit handlers or pool shutdown inherited from the worker
+
+
+def _fit_only(project: Path, package: str, overrides: tuple[str, ...]) -> None:
+    with _project_imported(project, package) as module:
+        config = importlib.import_module(f"{package}.config")
+        module.fit(config.load_config(project / "configs" / "default.yaml", list(overrides)))
 
 
 def _fit_ddp(project: Path, package: str, overrides: tuple[str, ...]) -> None:
-    """Two gloo ranks, forked from this worker: torch is already imported, so each starts in milliseconds."""
-    context = multiprocessing.get_context("fork")
+    """Two gloo ranks forked from this worker: torch is already imported, so each starts in milliseconds.
+
+    The rendered ``fit`` joins the process group itself when ``RANK`` and ``WORLD_SIZE`` are set (as
+    torchrun sets them) and leaves it when done.
+    """
     port = _free_port()
-    ranks = [
-        context.Process(target=_ddp_rank, args=(rank, port, project, package, overrides))
-        for rank in range(DDP_WORLD_SIZE)
-    ]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=300)
-    codes = [process.exitcode for process in ranks]
-    for process in ranks:
-        if process.is_alive():
-            process.kill()
+    pids = []
+    for rank in range(DDP_WORLD_SIZE):
+        pid = os.fork()  # os.fork, not multiprocessing: pool workers are daemons and may not have children
+        if pid == 0:
+            _ddp_rank(rank, port, project, package, overrides)  # never returns
+        pids.append(pid)
+    deadline = time.monotonic() + 300
+    codes: list[int | None] = [None] * DDP_WORLD_SIZE
+    while None in codes:
+        for index, pid in enumerate(pids):
+            if codes[index] is None:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[index] = os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            for index, pid in enumerate(pids):
+                if codes[index] is None:
+                    os.kill(pid, signal.SIGKILL)
+                    codes[index] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        time.sleep(0.01)
     if codes != [0] * DDP_WORLD_SIZE:
-        raise RuntimeError(f"DDP ranks exited with {codes}")
+        logs = "\n".join(
+            f"--- rank {rank}:\n{(project / f'rank{rank}.log').read_text()[-2000:]}"
+            for rank in range(DDP_WORLD_SIZE)
+            if (project / f"rank{rank}.log").is_file()
+        )
+        raise RuntimeError(f"DDP ranks exited with {codes}\n{logs}")
 
 
 def _check_outputs(model_module: Any, cfg: Any) -> dict[str, Any]:
