@@ -83,3 +83,20 @@ SMOKE_OVERRIDES = (
     "data.batch_size=32",
     "log.progress_bar=false",
 )
+
+
+def run_python(project: Path, code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a Python snippet against the rendered project's package (imported from its src/)."""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"snippet failed ({result.returncode}) in {project}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
