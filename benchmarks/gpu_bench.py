@@ -1,0 +1,147 @@
+"""GPU throughput of the rendered project with and without AMP and torch.compile, and DataLoader stall time.
+
+    python benchmarks/gpu_bench.py             # needs a CUDA GPU; exits with a message without one
+    python benchmarks/gpu_bench.py --quick     # tiny sizes, one repeat
+
+One project is rendered per answer of the template's ``amp`` and ``compile`` questions (read from
+copier.yml; a question the template does not ask is left out) and trained on a model wide enough to
+load the GPU (``model.width``). Throughput is samples/s of the rendered ``train_one_epoch`` over the
+epochs after the first (which holds the compile and cuDNN warm-up), synchronised with the GPU at both
+ends of every timed epoch. Stall time is the time the loop spends waiting for ``next(batch)`` from the
+training DataLoader, as a share of the epoch: the part of the epoch the GPU could have been busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from harness import RenderedProject, question_or_none, render_project, timed_fit
+
+
+class TimedLoader:
+    """Wraps a DataLoader; adds up the time spent waiting for each batch."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.wait_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.wait_seconds += time.perf_counter() - start
+            yield batch
+
+
+def answer_space() -> list[dict[str, Any]]:
+    """Every combination of the amp and compile answers the template offers."""
+    axes = []
+    for name in ("amp", "compile"):
+        q = question_or_none(name)
+        if q is not None:
+            axes.append([(name, value) for value in q.options()])
+    if not axes:
+        print("the template asks neither amp nor compile: measuring the default project only")
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def measure(project: RenderedProject, overrides: list[str]) -> dict[str, float]:
+    """samples/s and stall share of the rendered loop, timed with the GPU synchronised."""
+    train = project.train
+    build_loaders = train.build_loaders
+    loaders: list[TimedLoader] = []
+
+    def timed_build_loaders(*args, **kwargs):
+        train_loader, val_loader = build_loaders(*args, **kwargs)
+        loaders.append(TimedLoader(train_loader))
+        return loaders[-1], val_loader
+
+    original = train.train_one_epoch
+
+    def synchronised_train_one_epoch(*args, **kwargs):
+        torch.cuda.synchronize()
+        result = original(*args, **kwargs)
+        torch.cuda.synchronize()
+        return result
+
+    train.build_loaders, train.train_one_epoch = timed_build_loaders, synchronised_train_one_epoch
+    try:
+        times = timed_fit(project, overrides)
+    finally:
+        train.build_loaders, train.train_one_epoch = build_loaders, original
+    batch_size = next(int(o.split("=")[1]) for o in overrides if o.startswith("data.batch_size="))
+    # The stall is summed over all epochs; report it against all epochs' time so warm-up does not hide it.
+    return {
+        "samples_per_s": times.steps_per_second(skip=1) * batch_size,
+        "stall_share": loaders[0].wait_seconds / sum(times.seconds),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=256, help="model.width (SmallCNN channels)")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=200, help="optimiser steps per epoch")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per run, after one warm-up epoch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", default="0,4", help="data.num_workers values to compare (comma-separated)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.width, args.batch_size, args.steps, args.epochs, args.repeats, args.workers = 16, 64, 5, 1, 1, "0"
+    if not torch.cuda.is_available():
+        print("gpu_bench: no CUDA GPU visible, nothing to measure (run it on a machine with one)")
+        return
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(f"model.width={args.width}, batch {args.batch_size}, {args.steps} steps/epoch, {args.repeats} repeats")
+
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
+        workdir = Path(tmp)
+        projects = {}
+        for n, answers in enumerate(answer_space()):
+            label = ", ".join(f"{k}={v}" for k, v in answers.items()) or "default"
+            projects[label] = render_project(workdir, f"bench_gpu_{n}", {"device": "cuda", **answers})
+        runs = itertools.count()
+        rows: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for _ in range(args.repeats):
+            for (label, project), workers in itertools.product(projects.items(), args.workers.split(",")):
+                overrides = [
+                    f"epochs={1 + args.epochs}",
+                    f"output_dir={workdir / f'run-{next(runs)}'}",
+                    "data.dataset=synthetic",
+                    f"data.synthetic_size={round(args.steps * args.batch_size / 0.98) + args.batch_size}",
+                    "data.val_fraction=0.02",
+                    f"data.batch_size={args.batch_size}",
+                    f"data.num_workers={workers}",
+                    f"model.width={args.width}",
+                    "log.progress_bar=false",
+                ]
+                rows.setdefault((label, workers), []).append(measure(project, overrides))
+        baseline = statistics.median(r["samples_per_s"] for r in next(iter(rows.values())))
+        print(f"\n{'answers':32s} {'workers':>7s} {'samples/s':>10s} {'speed-up':>8s} {'stall':>6s}")
+        for (label, workers), results in rows.items():
+            rate = statistics.median(r["samples_per_s"] for r in results)
+            stall = statistics.median(r["stall_share"] for r in results)
+            print(f"{label:32s} {workers:>7s} {rate:10.0f} {rate / baseline:7.2f}x {stall:6.1%}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Shared by the benchmark scripts: render the template with Copier and time the rendered loop in-process.
+
+The rendered loop is timed by wrapping the rendered ``train_one_epoch`` while the rendered ``fit()``
+runs unchanged: setup, validation and checkpoints happen as usual but fall outside the timed window,
+and whatever ``fit()`` builds for the loop (progress bar, loggers, AMP, compile) is inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from questionnaire import Question, questions  # noqa: E402
+from rendering import render, snapshot_template  # noqa: E402
+
+
+def question_or_none(name: str) -> Question | None:
+    """The copier.yml question ``name``, or None while the template does not ask it."""
+    return next((q for q in questions() if q.name == name), None)
+
+
+@dataclass
+class RenderedProject:
+    """A rendered project imported in this process under its own package name."""
+
+    path: Path
+    package: str
+    modules: dict[str, ModuleType] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> ModuleType:
+        modules = self.__dict__["modules"]
+        if name not in modules:
+            modules[name] = importlib.import_module(f"{self.package}.{name}")
+        return modules[name]
+
+
+def render_project(workdir: Path, package: str, answers: dict[str, Any]) -> RenderedProject:
+    """Render the template's working tree with ``answers`` and make the package importable."""
+    template = workdir / "template"
+    if not template.exists():
+        snapshot_template(template)
+    answers = {"project_name": package.replace("_", "-"), "package_name": package, **answers}
+    path = render(template, workdir / package, answers)
+    sys.path.insert(0, str(path / "src"))
+    return RenderedProject(path, package)
+
+
+class NullTerminal(io.TextIOBase):
+    """A terminal that shows nothing: tqdm draws its bar (formatting included) as on a real one."""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+@dataclass
+class EpochTimes:
+    seconds: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    fit_seconds: float = 0.0
+
+    def steps_per_second(self, skip: int = 1) -> float:
+        """Steady-state rate over the epochs after the first ``skip`` (warm-up) ones."""
+        return sum(self.steps[skip:]) / sum(self.seconds[skip:])
+
+
+def timed_fit(project: RenderedProject, overrides: list[str], *, terminal: bool = False) -> EpochTimes:
+    """Run the rendered ``fit()`` and time each call of its ``train_one_epoch``.
+
+    ``terminal``: stderr looks like a terminal (so a progress bar is drawn, into nothing).
+    """
+    train = project.train
+    cfg = project.config.load_config(None, overrides)
+    original = train.train_one_epoch
+    signature = inspect.signature(original)
+    times = EpochTimes()
+
+    def timed_train_one_epoch(*args, **kwargs):
+        progress = signature.bind(*args, **kwargs).arguments["progress"]
+        steps_before = progress.global_step
+        start = time.perf_counter()
+        result = original(*args, **kwargs)
+        times.seconds.append(time.perf_counter() - start)
+        times.steps.append(progress.global_step - steps_before)
+        return result
+
+    train.train_one_epoch = timed_train_one_epoch
+    stderr = NullTerminal() if terminal else sys.stderr
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(stderr):
+            start = time.perf_counter()
+            train.fit(cfg)
+            times.fit_seconds = time.perf_counter() - start
+    finally:
+        train.train_one_epoch = original
+    return times
+
+
+def summarise(values: list[float]) -> str:
+    """Median and the spread of the repeats around it, e.g. ``812.4 (-3.1%/+2.0%)``."""
+    mid = statistics.median(values)
+    return f"{mid:8.1f} ({min(values) / mid - 1:+.1%}/{max(values) / mid - 1:+.1%})"

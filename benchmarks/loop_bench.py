@@ -1,0 +1,270 @@
+"""Steps per second of the rendered training loop vs a hand-written loop and PyTorch Lightning, on CPU.
+
+    python benchmarks/loop_bench.py              # full run (a few minutes on 2 cores)
+    python benchmarks/loop_bench.py --quick      # seconds: checks that the benchmark still runs
+
+Every contender trains the same model (the rendered ``build_model``), with the same optimiser (the
+rendered ``build_optimizer``: AdamW by default), on the same in-memory synthetic data through the same
+DataLoader (the rendered ``build_loaders``), batch size and torch thread count. Each run trains
+``1 + --epochs`` epochs and only the epochs after the first (warm-up) are timed; validation and
+checkpointing fall outside the timed window. Repeats are interleaved (raw, rendered..., Lightning, with
+the order rotated every repeat) so that load from other processes hits all contenders alike; the
+figures are medians over repeats, and ratios are medians of the per-repeat ratios against the raw loop
+timed in the same repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from harness import NullTerminal, RenderedProject, question_or_none, render_project, summarise, timed_fit
+from torch.nn import functional as F
+
+VAL_FRACTION = 0.02  # the rendered fit() validates every epoch; keep that untimed work small
+SERVICE_LOGGERS = {"wandb", "mlflow", "neptune", "comet", "aim", "clearml"}  # need an account or server
+
+
+def logger_variants() -> dict[str, dict[str, Any]]:
+    """Copier answers for loggers off and on, when the template asks which loggers to use.
+
+    "On" means every logger that works offline with what is installed here (tensorboard only if
+    the package is importable); loggers that need an account or a server are left out.
+    """
+    q = question_or_none("loggers")
+    if q is None:
+        return {"off": {}}
+
+    def usable(choice: Any) -> bool:
+        name = str(choice).lower()
+        if name in SERVICE_LOGGERS or name in {"none", ""}:
+            return False
+        return name != "tensorboard" or importlib.util.find_spec("tensorboard") is not None
+
+    if q.type == "bool":
+        return {"off": {"loggers": False}, "on": {"loggers": True}}
+    on = [c for c in q.choices if usable(c)]
+    if q.multiselect:
+        return {"off": {"loggers": []}, "on": {"loggers": on}} if on else {"off": {"loggers": []}}
+    off = next((c for c in q.choices if str(c).lower() == "none"), None)
+    variants = {} if off is None else {"off": {"loggers": off}}
+    if on:
+        variants["on"] = {"loggers": on[0]}
+    return variants
+
+
+def overrides_for(arch: str, steps: int, batch_size: int, epochs: int, output_dir: Path, bar: bool) -> list[str]:
+    size = round((steps * batch_size + batch_size // 2) / (1 - VAL_FRACTION))
+    return [
+        "device=cpu",
+        f"epochs={epochs}",
+        f"output_dir={output_dir}",
+        "data.dataset=synthetic",
+        f"data.synthetic_size={size}",
+        f"data.val_fraction={VAL_FRACTION}",
+        f"data.batch_size={batch_size}",
+        "data.num_workers=0",
+        f"model.arch={arch}",
+        f"log.progress_bar={str(bar).lower()}",
+    ]
+
+
+def raw_loop(project: RenderedProject, overrides: list[str]) -> float:
+    """The minimal hand-written loop on the rendered project's model, optimiser and data; steps/s."""
+    cfg = project.config.load_config(None, overrides)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cpu")
+    train_loader, _ = project.data.build_loaders(cfg.data, cfg.seed)
+    model = project.model.build_model(cfg.model).to(device)
+    optimizer = project.optim.build_optimizer(model, cfg.optim)
+    seconds, steps = [], []
+    for epoch in range(cfg.epochs):
+        train_loader.generator.manual_seed(cfg.seed + epoch)
+        model.train()
+        start = time.perf_counter()
+        for inputs, targets in train_loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+        seconds.append(time.perf_counter() - start)
+        steps.append(len(train_loader))
+    return sum(steps[1:]) / sum(seconds[1:])
+
+
+def rendered_loop(project: RenderedProject, overrides: list[str], bar: bool) -> float:
+    return timed_fit(project, overrides, terminal=bar).steps_per_second(skip=1)
+
+
+def lightning_loop(project: RenderedProject, overrides: list[str], defaults: bool, workdir: Path) -> float:
+    """Lightning's Trainer on the same model, optimiser and loader; steps/s over the epochs after the first.
+
+    ``defaults=False``: progress bar, logger, checkpointing and model summary off (like for like).
+    ``defaults=True``: Trainer defaults (bar drawn into a null terminal, default logger, checkpoints).
+    """
+    import lightning as L
+
+    cfg = project.config.load_config(None, overrides)
+
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = project.model.build_model(cfg.model)
+
+        def training_step(self, batch, batch_idx):
+            inputs, targets = batch
+            return F.cross_entropy(self.model(inputs), targets)
+
+        def configure_optimizers(self):
+            return project.optim.build_optimizer(self.model, cfg.optim)
+
+    class EpochTimer(L.Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.steps: list[int] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.start, self.start_step = time.perf_counter(), trainer.global_step
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.seconds.append(time.perf_counter() - self.start)
+            self.steps.append(trainer.global_step - self.start_step)
+
+    torch.manual_seed(cfg.seed)
+    train_loader, _ = project.data.build_loaders(cfg.data, cfg.seed)
+    module = Classifier()
+    timer = EpochTimer()
+    options: dict[str, Any] = {"default_root_dir": str(workdir)}
+    if not defaults:
+        options.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=cfg.epochs, num_sanity_val_steps=0, callbacks=[timer], **options
+    )
+    stderr = NullTerminal() if defaults else sys.stderr
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(stderr):
+        trainer.fit(module, train_dataloaders=train_loader)
+    return sum(timer.steps[1:]) / sum(timer.seconds[1:])
+
+
+def lightning_available() -> bool:
+    if importlib.util.find_spec("lightning") is None:
+        return False
+    import lightning  # noqa: F401  (sets its loggers' levels on import: quieten them after)
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    return True
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    lightning = ""
+    if importlib.util.find_spec("lightning") is not None:
+        import lightning
+
+        lightning = f", lightning {lightning.__version__}"
+    return (
+        f"{model}, {os.cpu_count()} logical CPUs; python {platform.python_version()}, torch {torch.__version__}"
+        f"{lightning}; torch threads {torch.get_num_threads()}"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default="mlp,cnn", help="model.arch values to benchmark (comma-separated)")
+    parser.add_argument("--steps", type=int, default=0, help="optimiser steps per epoch (default: 400 mlp, 100 cnn)")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per run, after one warm-up epoch")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats; figures are medians")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every contender")
+    parser.add_argument("--no-lightning", action="store_true", help="skip Lightning even when installed")
+    parser.add_argument("--json", type=Path, help="also write the raw per-repeat figures here")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, mlp only (a smoke run)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.archs, args.steps, args.repeats = "mlp", 8, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    use_lightning = not args.no_lightning and lightning_available()
+    print(f"machine: {machine()}")
+    print(f"batch size {args.batch_size}, {args.repeats} repeats, 1 warm-up + {args.epochs} timed epoch(s) per run")
+    if not use_lightning:
+        print("lightning: skipped (install it with: pip install -r benchmarks/requirements.txt)")
+
+    results: dict[str, Any] = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    with tempfile.TemporaryDirectory(prefix="loop-bench-") as tmp:
+        workdir = Path(tmp)
+        loggers = logger_variants()
+        projects = {name: render_project(workdir, f"bench_loggers_{name}", ans) for name, ans in loggers.items()}
+        baseline = projects["off"]
+        runs = iter(range(1_000_000))
+        for arch in args.archs.split(","):
+            steps = args.steps or (400 if arch == "mlp" else 100)
+
+            def overrides(bar: bool, arch=arch, steps=steps) -> list[str]:
+                out = workdir / f"run-{next(runs)}"
+                return overrides_for(arch, steps, args.batch_size, 1 + args.epochs, out, bar)
+
+            contenders: dict[str, Callable[[], float]] = {"raw loop": lambda: raw_loop(baseline, overrides(False))}
+            for logger_name, project in projects.items():
+                for bar in (False, True):
+                    label = f"rendered, bar {'on' if bar else 'off'}, loggers {logger_name}"
+                    if len(projects) == 1:
+                        label = f"rendered, bar {'on' if bar else 'off'}"
+                    contenders[label] = lambda p=project, b=bar: rendered_loop(p, overrides(b), b)
+            if use_lightning:
+                contenders["lightning, bar/logger/ckpt off"] = lambda: lightning_loop(
+                    baseline, overrides(False), False, workdir / f"pl-{next(runs)}"
+                )
+                contenders["lightning, Trainer defaults"] = lambda: lightning_loop(
+                    baseline, overrides(False), True, workdir / f"pl-{next(runs)}"
+                )
+
+            rates: dict[str, list[float]] = {name: [] for name in contenders}
+            names = list(contenders)
+            for repeat in range(args.repeats):
+                shift = repeat % len(names)
+                for name in names[shift:] + names[:shift]:
+                    rates[name].append(contenders[name]())
+                    if torch.get_num_threads() != args.threads:
+                        raise RuntimeError(f"{name} changed torch's thread count to {torch.get_num_threads()}")
+
+            print(f"\n{arch}: {steps} steps/epoch; steps/s median (min/max vs median); ratio to raw loop")
+            for name, values in rates.items():
+                ratios = [value / raw for value, raw in zip(values, rates["raw loop"], strict=True)]
+                print(f"  {name:38s} {summarise(values)}   x{statistics.median(ratios):.3f}")
+            results[arch] = rates
+
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
