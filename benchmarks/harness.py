@@ -70,13 +70,29 @@ class NullTerminal(io.TextIOBase):
 
 @dataclass
 class EpochTimes:
+    """Per-epoch wall-clock and CPU time (``time.process_time``: all of this process's threads)."""
+
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     fit_seconds: float = 0.0
+
+    @contextlib.contextmanager
+    def epoch(self, count_steps):
+        """Time the block as one epoch; ``count_steps()`` gives the steps done so far."""
+        steps, wall, cpu = count_steps(), time.perf_counter(), time.process_time()
+        yield
+        self.seconds.append(time.perf_counter() - wall)
+        self.cpu_seconds.append(time.process_time() - cpu)
+        self.steps.append(count_steps() - steps)
 
     def steps_per_second(self, skip: int = 1) -> float:
         """Steady-state rate over the epochs after the first ``skip`` (warm-up) ones."""
         return sum(self.steps[skip:]) / sum(self.seconds[skip:])
+
+    def steps_per_cpu_second(self, skip: int = 1) -> float:
+        """As ``steps_per_second`` but per CPU second: time spent descheduled by other processes drops out."""
+        return sum(self.steps[skip:]) / sum(self.cpu_seconds[skip:])
 
 
 def timed_fit(project: RenderedProject, overrides: list[str], *, terminal: bool = False) -> EpochTimes:
@@ -92,12 +108,8 @@ def timed_fit(project: RenderedProject, overrides: list[str], *, terminal: bool 
 
     def timed_train_one_epoch(*args, **kwargs):
         progress = signature.bind(*args, **kwargs).arguments["progress"]
-        steps_before = progress.global_step
-        start = time.perf_counter()
-        result = original(*args, **kwargs)
-        times.seconds.append(time.perf_counter() - start)
-        times.steps.append(progress.global_step - steps_before)
-        return result
+        with times.epoch(lambda: progress.global_step):
+            return original(*args, **kwargs)
 
     train.train_one_epoch = timed_train_one_epoch
     stderr = NullTerminal() if terminal else sys.stderr

@@ -26,14 +26,21 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from harness import NullTerminal, RenderedProject, question_or_none, render_project, summarise, timed_fit
+from harness import (
+    EpochTimes,
+    NullTerminal,
+    RenderedProject,
+    question_or_none,
+    render_project,
+    summarise,
+    timed_fit,
+)
 from torch.nn import functional as F
 
 VAL_FRACTION = 0.02  # the rendered fit() validates every epoch; keep that untimed work small
@@ -84,7 +91,7 @@ def overrides_for(arch: str, steps: int, batch_size: int, epochs: int, output_di
     ]
 
 
-def raw_loop(project: RenderedProject, overrides: list[str]) -> float:
+def raw_loop(project: RenderedProject, overrides: list[str]) -> EpochTimes:
     """The minimal hand-written loop on the rendered project's model, optimiser and data; steps/s."""
     cfg = project.config.load_config(None, overrides)
     torch.manual_seed(cfg.seed)
@@ -92,27 +99,22 @@ def raw_loop(project: RenderedProject, overrides: list[str]) -> float:
     train_loader, _ = project.data.build_loaders(cfg.data, cfg.seed)
     model = project.model.build_model(cfg.model).to(device)
     optimizer = project.optim.build_optimizer(model, cfg.optim)
-    seconds, steps = [], []
+    times, steps = EpochTimes(), 0
     for epoch in range(cfg.epochs):
         train_loader.generator.manual_seed(cfg.seed + epoch)
         model.train()
-        start = time.perf_counter()
-        for inputs, targets in train_loader:
-            inputs, targets = inputs.to(device), targets.to(device)
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(inputs), targets)
-            loss.backward()
-            optimizer.step()
-        seconds.append(time.perf_counter() - start)
-        steps.append(len(train_loader))
-    return sum(steps[1:]) / sum(seconds[1:])
+        with times.epoch(lambda: steps):  # noqa: B023 (read at both ends of the epoch, on purpose)
+            for inputs, targets in train_loader:
+                inputs, targets = inputs.to(device), targets.to(device)
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(inputs), targets)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+    return times
 
 
-def rendered_loop(project: RenderedProject, overrides: list[str], bar: bool) -> float:
-    return timed_fit(project, overrides, terminal=bar).steps_per_second(skip=1)
-
-
-def lightning_loop(project: RenderedProject, overrides: list[str], defaults: bool, workdir: Path) -> float:
+def lightning_loop(project: RenderedProject, overrides: list[str], defaults: bool, workdir: Path) -> EpochTimes:
     """Lightning's Trainer on the same model, optimiser and loader; steps/s over the epochs after the first.
 
     ``defaults=False``: progress bar, logger, checkpointing and model summary off (like for like).
@@ -134,32 +136,33 @@ def lightning_loop(project: RenderedProject, overrides: list[str], defaults: boo
         def configure_optimizers(self):
             return project.optim.build_optimizer(self.model, cfg.optim)
 
-    class EpochTimer(L.Callback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self.steps: list[int] = []
+    times = EpochTimes()
 
+    class EpochTimer(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self.start, self.start_step = time.perf_counter(), trainer.global_step
+            self.timing = times.epoch(lambda: trainer.global_step)
+            self.timing.__enter__()
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self.seconds.append(time.perf_counter() - self.start)
-            self.steps.append(trainer.global_step - self.start_step)
+            self.timing.__exit__(None, None, None)
 
     torch.manual_seed(cfg.seed)
     train_loader, _ = project.data.build_loaders(cfg.data, cfg.seed)
     module = Classifier()
-    timer = EpochTimer()
     options: dict[str, Any] = {"default_root_dir": str(workdir)}
     if not defaults:
         options.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=cfg.epochs, num_sanity_val_steps=0, callbacks=[timer], **options
+        accelerator="cpu", devices=1, max_epochs=cfg.epochs, num_sanity_val_steps=0, callbacks=[EpochTimer()], **options
     )
     stderr = NullTerminal() if defaults else sys.stderr
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(stderr):
         trainer.fit(module, train_dataloaders=train_loader)
-    return sum(timer.steps[1:]) / sum(timer.seconds[1:])
+    return times
+
+
+def paired_ratio(rates: dict[str, list[float]], name: str) -> float:
+    return statistics.median(value / raw for value, raw in zip(rates[name], rates["raw loop"], strict=True))
 
 
 def lightning_available() -> bool:
@@ -231,13 +234,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 out = workdir / f"run-{next(runs)}"
                 return overrides_for(arch, steps, args.batch_size, 1 + args.epochs, out, bar)
 
-            contenders: dict[str, Callable[[], float]] = {"raw loop": lambda: raw_loop(baseline, overrides(False))}
+            contenders: dict[str, Callable[[], EpochTimes]] = {"raw loop": lambda: raw_loop(baseline, overrides(False))}
             for logger_name, project in projects.items():
                 for bar in (False, True):
                     label = f"rendered, bar {'on' if bar else 'off'}, loggers {logger_name}"
                     if len(projects) == 1:
                         label = f"rendered, bar {'on' if bar else 'off'}"
-                    contenders[label] = lambda p=project, b=bar: rendered_loop(p, overrides(b), b)
+                    contenders[label] = lambda p=project, b=bar: timed_fit(p, overrides(b), terminal=b)
             if use_lightning:
                 contenders["lightning, bar/logger/ckpt off"] = lambda: lightning_loop(
                     baseline, overrides(False), False, workdir / f"pl-{next(runs)}"
@@ -246,20 +249,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     baseline, overrides(False), True, workdir / f"pl-{next(runs)}"
                 )
 
-            rates: dict[str, list[float]] = {name: [] for name in contenders}
+            wall: dict[str, list[float]] = {name: [] for name in contenders}
+            cpu: dict[str, list[float]] = {name: [] for name in contenders}
             names = list(contenders)
             for repeat in range(args.repeats):
                 shift = repeat % len(names)
                 for name in names[shift:] + names[:shift]:
-                    rates[name].append(contenders[name]())
+                    times = contenders[name]()
+                    wall[name].append(times.steps_per_second(skip=1))
+                    cpu[name].append(times.steps_per_cpu_second(skip=1))
                     if torch.get_num_threads() != args.threads:
                         raise RuntimeError(f"{name} changed torch's thread count to {torch.get_num_threads()}")
 
-            print(f"\n{arch}: {steps} steps/epoch; steps/s median (min/max vs median); ratio to raw loop")
-            for name, values in rates.items():
-                ratios = [value / raw for value, raw in zip(values, rates["raw loop"], strict=True)]
-                print(f"  {name:38s} {summarise(values)}   x{statistics.median(ratios):.3f}")
-            results[arch] = rates
+            print(f"\n{arch}: {steps} steps/epoch. Medians over repeats (spread: min/max against the median);")
+            print("  ratio: median of the per-repeat ratios to the raw loop of the same repeat")
+            print(f"  {'':38s} {'steps/s (wall)':>26s} {'ratio':>6s}   {'steps per CPU-s':>26s} {'ratio':>6s}")
+            for name in names:
+                print(
+                    f"  {name:38s} {summarise(wall[name]):>26s} {paired_ratio(wall, name):6.3f}"
+                    f"   {summarise(cpu[name]):>26s} {paired_ratio(cpu, name):6.3f}"
+                )
+            results[arch] = {"steps_per_epoch": steps, "wall_steps_per_s": wall, "steps_per_cpu_s": cpu}
 
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
