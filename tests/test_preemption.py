@@ -1,0 +1,139 @@
+"""Preemption and crashes: a signal mid-epoch saves the exact step, kill -9 never leaves last.pt unreadable.
+
+The signals come from outside, as a scheduler sends them: the test starts training, waits for the
+first epoch's summary line and signals the process, so the stop lands inside the second epoch. The
+training code has no test hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rendering import project_answers, project_env, train
+
+# Long enough epochs (about 200 steps) that a signal sent after epoch 1's line lands mid-epoch 2, the last.
+LONG_EPOCHS = (
+    "data.dataset=synthetic",
+    "data.synthetic_size=4096",
+    "data.batch_size=16",
+    "log.progress_bar=false",
+    "deterministic=true",
+    "epochs=2",
+)
+STEPS_PER_EPOCH = (4096 - round(4096 * 0.2)) // 16
+
+
+def start_training(project: Path, *overrides: str) -> subprocess.Popen:
+    env = project_env(project) | {"PYTHONUNBUFFERED": "1"}
+    package = project_answers(project)["package_name"]
+    return subprocess.Popen(
+        [sys.executable, "-m", f"{package}.train", *overrides],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_line(process: subprocess.Popen, prefix: str) -> list[str]:
+    """Read stdout until a line starting with ``prefix``; fail with the output if the process ends first."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+    process.wait()
+    raise AssertionError(f"no line starting with {prefix!r}:\n{''.join(seen)}\n{process.stderr.read()}")
+
+
+def load_last(out: Path) -> dict:
+    return torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+
+
+def assert_same_training_state(expected: dict, actual: dict) -> None:
+    assert expected["global_step"] == actual["global_step"]
+    assert expected["epoch"] == actual["epoch"]
+    assert expected["model"].keys() == actual["model"].keys()
+    for key, tensor in expected["model"].items():
+        assert torch.equal(tensor, actual["model"][key]), key
+    assert expected["optimizer"]["state"].keys() == actual["optimizer"]["state"].keys()
+    for param_id, moments in expected["optimizer"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(actual["optimizer"]["state"][param_id][name]))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(default_project, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(default_project, *LONG_EPOCHS, f"output_dir={out}")
+    return load_last(out)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_mid_epoch_saves_the_step_and_resume_matches_an_uninterrupted_run_bit_for_bit(
+    signum, default_project, uninterrupted, tmp_path
+):
+    out = tmp_path / "run"
+    process = start_training(default_project, *LONG_EPOCHS, f"output_dir={out}")
+    wait_for_line(process, "epoch 1/2 |")
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+
+    assert process.returncode == 0, stderr  # a clean exit, not death by signal
+    assert f"received {signum.name}: saved" in stdout, stdout
+    stopped = load_last(out)
+    assert stopped["epoch"] == 1  # one completed epoch, the second one under way
+    assert 1 <= stopped["batch_in_epoch"] <= STEPS_PER_EPOCH
+    assert stopped["global_step"] == STEPS_PER_EPOCH + stopped["batch_in_epoch"]
+    assert not (out / "summary.json").exists()
+
+    resumed = train(default_project, *LONG_EPOCHS, f"output_dir={out}", "resume=auto")
+    assert f"resumed from {out / 'checkpoints' / 'last.pt'}: epoch 1, step {stopped['global_step']}" in resumed.stdout
+    assert_same_training_state(uninterrupted, load_last(out))
+
+
+def test_kill_9_at_random_moments_never_leaves_last_pt_unreadable(default_project, tmp_path):
+    """Tiny epochs, so a save is under way much of the time; every restart resumes from what survived."""
+    out = tmp_path / "run"
+    overrides = (
+        "data.dataset=synthetic",
+        "data.synthetic_size=64",
+        "data.batch_size=8",
+        "log.progress_bar=false",
+        "epochs=100000",
+        "resume=auto",
+        f"output_dir={out}",
+    )
+    rng = random.Random(0)
+    epochs_seen = [0]
+    for attempt in range(8):
+        log = tmp_path / f"attempt-{attempt}.log"
+        with log.open("w") as stdout:
+            process = subprocess.Popen(
+                [sys.executable, "-m", f"{project_answers(default_project)['package_name']}.train", *overrides],
+                cwd=default_project,
+                env=project_env(default_project) | {"PYTHONUNBUFFERED": "1"},
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+            )
+        while "epoch " not in log.read_text():  # training is under way and saving every epoch
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))  # a random moment: in a step, an evaluation or a save
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+
+        state = load_last(out)  # loads with weights_only=True: never half-written
+        assert {"model", "optimizer", "epoch", "rng"} <= state.keys()
+        assert state["epoch"] >= epochs_seen[-1]  # the previous good checkpoint survived, or a newer one
+        epochs_seen.append(state["epoch"])
+    assert epochs_seen[-1] > epochs_seen[1]  # each restart resumed and went on training
