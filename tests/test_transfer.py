@@ -7,9 +7,11 @@ to capture the model and optimiser that training uses, and prints its findings a
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
-from rendering import SMOKE_OVERRIDES, render, run_module, run_python
+import torch
+from rendering import SMOKE_OVERRIDES, render, run_module, run_python, train
 
 QUICK = [*SMOKE_OVERRIDES, "deterministic=true"]
 
@@ -192,3 +194,164 @@ print(json.dumps({{
     assert "epoch 2: released" in result.stdout
     assert report["early_exact"]
     assert report["late_exact"]
+
+
+PARTIAL_CHECKPOINT = """
+import json, sys
+import torch
+from my_project.config import ModelConfig
+from my_project.model import build_model
+
+torch.manual_seed(1)
+source = build_model(ModelConfig()).state_dict()
+del source["block3.0.1.running_var"]  # missing from the file
+source["head.1.weight"] = torch.randn(5, 64)  # a head trained for 5 classes: shape mismatch
+source["head.1.bias"] = torch.randn(5)
+source["extra.weight"] = torch.randn(3)  # unexpected: the model has no such key
+wrapped = {f"module.{key}": value for key, value in source.items()}  # saved from a DDP-wrapped model
+torch.save({"model": wrapped, "epoch": 3}, sys.argv[1])
+torch.save(wrapped, sys.argv[2])
+torch.save({"model": {"a": 1}, "epoch": 3}, sys.argv[3])
+"""
+
+
+@pytest.fixture(scope="module")
+def pretrained_project(template_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrained")
+    project = render(template_dir, root / "project", {"pretrained": True})
+    files = [root / "checkpoint.pt", root / "bare.pt", root / "not_tensors.pt"]
+    run_python(
+        project,
+        PARTIAL_CHECKPOINT.replace("sys.argv[1]", repr(str(files[0])))
+        .replace("sys.argv[2]", repr(str(files[1])))
+        .replace("sys.argv[3]", repr(str(files[2]))),
+    )
+    return project, files
+
+
+def test_partial_load_reports_loaded_missing_unexpected_and_skipped_keys(pretrained_project):
+    project, (checkpoint, bare, _) = pretrained_project
+    code = f"""
+import json
+import torch
+from my_project.config import ModelConfig
+from my_project.model import build_model
+from my_project.pretrained import load_pretrained
+
+results = []
+for path in {[str(checkpoint), str(bare)]!r}:
+    torch.manual_seed(2)
+    model = build_model(ModelConfig())
+    before = {{key: value.clone() for key, value in model.state_dict().items()}}
+    report = load_pretrained(model, path, ["block1.*"])
+    file = {{key.removeprefix("module."): value for key, value in torch.load(
+        path, weights_only=True).get("model", torch.load(path, weights_only=True)).items()}}
+    after = model.state_dict()
+    results.append({{
+        "loaded": sorted(report.loaded), "missing": sorted(report.missing),
+        "unexpected": sorted(report.unexpected), "skipped": report.skipped,
+        "loaded_equal_file": all(torch.equal(after[key], file[key]) for key in report.loaded),
+        "others_untouched": all(torch.equal(after[key], before[key]) for key in after if key not in report.loaded),
+    }})
+print(json.dumps(results))
+"""
+    with_entry, bare_dict = json.loads(run_python(project, code).stdout.splitlines()[-1])
+    assert with_entry == bare_dict  # a training checkpoint and a bare state dict load the same way
+    assert with_entry["missing"] == ["block3.0.1.running_var"]
+    assert with_entry["unexpected"] == ["extra.weight"]
+    block1 = [
+        "block1.0.weight",
+        *(f"block1.1.{n}" for n in ("bias", "num_batches_tracked", "running_mean", "running_var", "weight")),
+    ]
+    assert sorted(with_entry["skipped"]) == sorted([*block1, "head.1.bias", "head.1.weight"])
+    assert all(with_entry["skipped"][key] == "matches pretrained.skip" for key in block1)
+    assert with_entry["skipped"]["head.1.weight"] == "shape (5, 64) != model (10, 64)"
+    assert len(with_entry["loaded"]) == 20 - len(block1) - 2 - 1  # 20 model keys
+    assert not any(key.startswith(("module.", "block1.", "head.")) for key in with_entry["loaded"])
+    assert with_entry["loaded_equal_file"] and with_entry["others_untouched"]
+
+
+def test_training_from_a_partial_checkpoint_prints_the_report(pretrained_project, tmp_path):
+    project, (checkpoint, _, _) = pretrained_project
+    result = train(
+        project, *QUICK, "epochs=1", f"pretrained.path={checkpoint}", "pretrained.skip=[]", f"output_dir={tmp_path}"
+    )
+    assert f"pretrained weights from {checkpoint}: loaded 17, missing 1 (block3.0.1.running_var), " in result.stdout
+    assert "unexpected 1 (extra.weight), skipped 2 (head.1.weight: shape (5, 64) != model (10, 64)" in result.stdout
+
+
+def test_a_file_that_is_not_a_checkpoint_exits_with_one_clear_error(pretrained_project, tmp_path):
+    project, (_, _, not_tensors) = pretrained_project
+    text = tmp_path / "notes.pt"
+    text.write_text("hello\n")
+    for path, message in [
+        (text, f"error: pretrained.path {text} is not a PyTorch checkpoint or state dict"),
+        (not_tensors, f"error: pretrained.path {not_tensors} holds no state dict"),
+        (tmp_path / "absent.pt", f"error: pretrained.path {tmp_path / 'absent.pt'} does not exist"),
+    ]:
+        result = run_module(project, "train", *QUICK, f"pretrained.path={path}", f"output_dir={tmp_path}")
+        assert result.returncode != 0
+        assert result.stderr.startswith(message), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_model_summary_is_printed_by_torchinfo_and_leaves_training_unchanged(render_project, default_project, tmp_path):
+    project = render_project(model_summary=True)
+    assert '"torchinfo>=1.8"' in (project / "pyproject.toml").read_text()
+    assert "torchinfo" not in (default_project / "pyproject.toml").read_text()
+    common = (*QUICK, "epochs=1")
+    result = train(project, *common, f"output_dir={tmp_path / 'summary'}")
+    train(default_project, *common, f"output_dir={tmp_path / 'plain'}")
+
+    assert result.stdout.count("Layer (type:depth-idx)") == 1
+    assert "SmallCNN" in result.stdout and "Conv2d: 2-1" in result.stdout
+    with_summary = torch.load(tmp_path / "summary/checkpoints/last.pt", weights_only=True)["model"]
+    plain = torch.load(tmp_path / "plain/checkpoints/last.pt", weights_only=True)["model"]
+    assert (
+        f"Total params: {sum(t.numel() for k, t in plain.items() if 'running' not in k and 'num_batches' not in k):,}"
+        in result.stdout
+    )
+    # The summary's forward pass draws no random numbers and moves no BatchNorm statistics.
+    assert all(torch.equal(with_summary[key], plain[key]) for key in plain)
+
+
+INIT_STATS = """
+import json
+import torch
+from torch import nn
+from my_project.config import load_config
+from my_project.model import build_model
+
+torch.manual_seed(0)
+model = build_model(load_config(None, OVERRIDES).model)
+layers = []
+for name, module in model.named_modules():
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(module.weight)
+        layers.append({"name": name, "std": module.weight.std().item(), "mean": module.weight.mean().item(),
+                       "numel": module.weight.numel(), "fan_in": fan_in, "fan_out": fan_out,
+                       "bias_zero": module.bias is None or bool((module.bias == 0).all())})
+    elif isinstance(module, nn.BatchNorm2d):
+        layers.append({"name": name, "bn_identity": bool((module.weight == 1).all() and (module.bias == 0).all())})
+print(json.dumps(layers))
+"""
+
+
+@pytest.mark.parametrize("scheme", ["normal", "xavier", "kaiming"])
+def test_weight_init_gives_the_expected_statistics(render_project, scheme):
+    project = render_project(weight_init=scheme)
+    overrides = ["model.width=64"] + (["model.init_std=0.05"] if scheme == "normal" else [])
+    layers = json.loads(run_python(project, INIT_STATS.replace("OVERRIDES", repr(overrides))).stdout.splitlines()[-1])
+    weights = [layer for layer in layers if "std" in layer]
+    assert len(weights) == 4 and all(layer["bias_zero"] for layer in weights)
+    assert all(layer["bn_identity"] for layer in layers if "bn_identity" in layer)
+    for layer in weights:
+        expected = {
+            "normal": 0.05,
+            "xavier": math.sqrt(2 / (layer["fan_in"] + layer["fan_out"])),
+            "kaiming": math.sqrt(2 / layer["fan_in"]),
+        }[scheme]
+        tolerance = 4 / math.sqrt(2 * layer["numel"])  # about 4 standard errors of a sample std
+        assert abs(layer["std"] / expected - 1) < tolerance, layer
+        assert abs(layer["mean"]) < 4 * expected / math.sqrt(layer["numel"]), layer
