@@ -136,4 +136,6 @@ def test_kill_9_at_random_moments_never_leaves_last_pt_unreadable(default_projec
         assert {"model", "optimizer", "epoch", "rng"} <= state.keys()
         assert state["epoch"] >= epochs_seen[-1]  # the previous good checkpoint survived, or a newer one
         epochs_seen.append(state["epoch"])
+        # A save cut short leaves its temporary file; the next save removes it, so they never pile up.
+        assert len(list((out / "checkpoints").glob(".*.tmp"))) <= 1
     assert epochs_seen[-1] > epochs_seen[1]  # each restart resumed and went on training
