@@ -115,6 +115,7 @@ def test_a_conflicting_edit_is_shown_as_a_conflict_never_silently_overwritten(te
 def _answer_that_adds_a_file(template: Path) -> tuple[str, object, Path]:
     """A non-default answer of a choice question whose rendered tree gains a file (from copier.yml)."""
     conditional = re.compile(r"\{%\s*if\s+(\w+)\s*==\s*['\"]([^'\"]+)['\"]\s*%\}(.+?)\{%\s*endif\s*%\}")
+    boolean = re.compile(r"\{%\s*if\s+(\w+)\s*%\}(.+?)\{%\s*endif\s*%\}")
     in_multiselect = re.compile(r"\{%\s*if\s+['\"]([^'\"]+)['\"]\s+in\s+(\w+)\s*%\}(.+?)\{%\s*endif\s*%\}")
     for path in sorted((template / "template").rglob("*")):
         relative = path.relative_to(template / "template")
@@ -122,6 +123,13 @@ def _answer_that_adds_a_file(template: Path) -> tuple[str, object, Path]:
         if (match := conditional.search(name)) and question(match.group(1)).default != match.group(2):
             answer, value = match.group(1), match.group(2)
             rendered = name[: match.start()] + match.group(3) + name[match.end() :]
+        elif (
+            (match := boolean.search(name))
+            and question(match.group(1)).type == "bool"
+            and not question(match.group(1)).default
+        ):
+            answer, value = match.group(1), True
+            rendered = name[: match.start()] + match.group(2) + name[match.end() :]
         elif match := in_multiselect.search(name):
             answer, value = match.group(2), [match.group(1)]
             rendered = name[: match.start()] + match.group(3) + name[match.end() :]
