@@ -14,6 +14,7 @@ training DataLoader, as a share of the epoch: the part of the epoch the GPU coul
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 import sys
@@ -76,6 +77,7 @@ def measure(project: RenderedProject, overrides: list[str]) -> dict[str, float]:
 
     original = train.train_one_epoch
 
+    @functools.wraps(original)  # timed_fit finds `progress` through the signature
     def synchronised_train_one_epoch(*args, **kwargs):
         torch.cuda.synchronize()
         result = original(*args, **kwargs)

@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -95,10 +96,17 @@ class EpochTimes:
         return sum(self.steps[skip:]) / sum(self.cpu_seconds[skip:])
 
 
-def timed_fit(project: RenderedProject, overrides: list[str], *, terminal: bool = False) -> EpochTimes:
+def timed_fit(
+    project: RenderedProject,
+    overrides: list[str],
+    *,
+    terminal: bool = False,
+    after_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> EpochTimes:
     """Run the rendered ``fit()`` and time each call of its ``train_one_epoch``.
 
     ``terminal``: stderr looks like a terminal (so a progress bar is drawn, into nothing).
+    ``after_epoch``: called, untimed, after each epoch with ``train_one_epoch``'s arguments by name.
     """
     train = project.train
     cfg = project.config.load_config(None, overrides)
@@ -107,9 +115,12 @@ def timed_fit(project: RenderedProject, overrides: list[str], *, terminal: bool 
     times = EpochTimes()
 
     def timed_train_one_epoch(*args, **kwargs):
-        progress = signature.bind(*args, **kwargs).arguments["progress"]
-        with times.epoch(lambda: progress.global_step):
-            return original(*args, **kwargs)
+        arguments = signature.bind(*args, **kwargs).arguments
+        with times.epoch(lambda: arguments["progress"].global_step):
+            result = original(*args, **kwargs)
+        if after_epoch is not None:
+            after_epoch(arguments)
+        return result
 
     train.train_one_epoch = timed_train_one_epoch
     stderr = NullTerminal() if terminal else sys.stderr

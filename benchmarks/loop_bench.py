@@ -91,27 +91,46 @@ def overrides_for(arch: str, steps: int, batch_size: int, epochs: int, output_di
     ]
 
 
+def raw_epoch(model, loader, optimizer, device: torch.device, times: EpochTimes) -> None:
+    """One epoch of the minimal hand-written loop, timed into ``times``."""
+    model.train()
+    steps = 0
+    with times.epoch(lambda: steps):
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+
+
 def raw_loop(project: RenderedProject, overrides: list[str]) -> EpochTimes:
-    """The minimal hand-written loop on the rendered project's model, optimiser and data; steps/s."""
+    """The hand-written loop on the rendered project's model, optimiser and data, on its own."""
     cfg = project.config.load_config(None, overrides)
     torch.manual_seed(cfg.seed)
-    device = torch.device("cpu")
     train_loader, _ = project.data.build_loaders(cfg.data, cfg.seed)
-    model = project.model.build_model(cfg.model).to(device)
+    model = project.model.build_model(cfg.model)
     optimizer = project.optim.build_optimizer(model, cfg.optim)
-    times, steps = EpochTimes(), 0
+    times = EpochTimes()
     for epoch in range(cfg.epochs):
         train_loader.generator.manual_seed(cfg.seed + epoch)
-        model.train()
-        with times.epoch(lambda: steps):  # noqa: B023 (read at both ends of the epoch, on purpose)
-            for inputs, targets in train_loader:
-                inputs, targets = inputs.to(device), targets.to(device)
-                optimizer.zero_grad()
-                loss = F.cross_entropy(model(inputs), targets)
-                loss.backward()
-                optimizer.step()
-                steps += 1
+        raw_epoch(model, train_loader, optimizer, torch.device("cpu"), times)
     return times
+
+
+def paired_fit(project: RenderedProject, overrides: list[str], bar: bool) -> tuple[EpochTimes, EpochTimes]:
+    """The rendered fit(), each of its epochs followed by one raw epoch on the very same objects.
+
+    The pairs differ only in the loop code: same model, optimiser state, loader and memory, a second
+    apart, so most of the noise of a shared machine cancels in the per-pair ratio.
+    """
+    raw = EpochTimes()
+
+    def after_epoch(arguments: dict[str, Any]) -> None:
+        raw_epoch(arguments["model"], arguments["loader"], arguments["optimizer"], arguments["device"], raw)
+
+    return timed_fit(project, overrides, terminal=bar, after_epoch=after_epoch), raw
 
 
 def lightning_loop(project: RenderedProject, overrides: list[str], defaults: bool, workdir: Path) -> EpochTimes:
@@ -161,6 +180,12 @@ def lightning_loop(project: RenderedProject, overrides: list[str], defaults: boo
     return times
 
 
+def epoch_ratios(steps: list[int], seconds: list[float], raw_steps: list[int], raw_seconds: list[float]):
+    """Per-epoch rate ratios of rendered to raw, leaving out the warm-up epoch."""
+    pairs = zip(steps[1:], seconds[1:], raw_steps[1:], raw_seconds[1:], strict=True)
+    return [(n / t) / (raw_n / raw_t) for n, t, raw_n, raw_t in pairs]
+
+
 def paired_ratio(rates: dict[str, list[float]], name: str) -> float:
     return statistics.median(value / raw for value, raw in zip(rates[name], rates["raw loop"], strict=True))
 
@@ -197,9 +222,9 @@ def machine() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="mlp,cnn", help="model.arch values to benchmark (comma-separated)")
-    parser.add_argument("--steps", type=int, default=0, help="optimiser steps per epoch (default: 400 mlp, 100 cnn)")
-    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per run, after one warm-up epoch")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats; figures are medians")
+    parser.add_argument("--steps", type=int, default=0, help="optimiser steps per epoch (default: 150 mlp, 20 cnn)")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per run, after one warm-up epoch")
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats; figures are medians")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every contender")
     parser.add_argument("--no-lightning", action="store_true", help="skip Lightning even when installed")
@@ -228,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         baseline = projects["off"]
         runs = iter(range(1_000_000))
         for arch in args.archs.split(","):
-            steps = args.steps or (400 if arch == "mlp" else 100)
+            steps = args.steps or (150 if arch == "mlp" else 20)
 
             def overrides(bar: bool, arch=arch, steps=steps) -> list[str]:
                 out = workdir / f"run-{next(runs)}"
@@ -240,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     label = f"rendered, bar {'on' if bar else 'off'}, loggers {logger_name}"
                     if len(projects) == 1:
                         label = f"rendered, bar {'on' if bar else 'off'}"
-                    contenders[label] = lambda p=project, b=bar: timed_fit(p, overrides(b), terminal=b)
+                    contenders[label] = lambda p=project, b=bar: paired_fit(p, overrides(b), b)
             if use_lightning:
                 contenders["lightning, bar/logger/ckpt off"] = lambda: lightning_loop(
                     baseline, overrides(False), False, workdir / f"pl-{next(runs)}"
@@ -251,25 +276,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             wall: dict[str, list[float]] = {name: [] for name in contenders}
             cpu: dict[str, list[float]] = {name: [] for name in contenders}
+            paired_wall: dict[str, list[float]] = {name: [] for name in contenders}
+            paired_cpu: dict[str, list[float]] = {name: [] for name in contenders}
             names = list(contenders)
             for repeat in range(args.repeats):
                 shift = repeat % len(names)
                 for name in names[shift:] + names[:shift]:
                     times = contenders[name]()
+                    if isinstance(times, tuple):  # rendered, with its paired raw epochs
+                        times, raw = times
+                        paired_wall[name] += epoch_ratios(times.steps, times.seconds, raw.steps, raw.seconds)
+                        paired_cpu[name] += epoch_ratios(times.steps, times.cpu_seconds, raw.steps, raw.cpu_seconds)
                     wall[name].append(times.steps_per_second(skip=1))
                     cpu[name].append(times.steps_per_cpu_second(skip=1))
                     if torch.get_num_threads() != args.threads:
                         raise RuntimeError(f"{name} changed torch's thread count to {torch.get_num_threads()}")
 
-            print(f"\n{arch}: {steps} steps/epoch. Medians over repeats (spread: min/max against the median);")
-            print("  ratio: median of the per-repeat ratios to the raw loop of the same repeat")
-            print(f"  {'':38s} {'steps/s (wall)':>26s} {'ratio':>6s}   {'steps per CPU-s':>26s} {'ratio':>6s}")
+            print(f"\n{arch}: {steps} steps/epoch. Medians over repeats (spread: min/max against the median).")
+            print("  ratio: median of the per-repeat ratios to the raw loop run in the same repeat;")
+            print("  paired: median over epochs of rendered / raw epoch run next to it on the same objects")
+            header = f"{'steps/s (wall)':>26s} {'ratio':>6s} {'paired':>6s}"
+            print(f"  {'':38s} {header}   {header.replace('steps/s (wall)', 'steps per CPU-s')}")
             for name in names:
-                print(
-                    f"  {name:38s} {summarise(wall[name]):>26s} {paired_ratio(wall, name):6.3f}"
-                    f"   {summarise(cpu[name]):>26s} {paired_ratio(cpu, name):6.3f}"
-                )
-            results[arch] = {"steps_per_epoch": steps, "wall_steps_per_s": wall, "steps_per_cpu_s": cpu}
+                columns = []
+                for rates, pairs in ((wall, paired_wall), (cpu, paired_cpu)):
+                    paired = f"{statistics.median(pairs[name]):6.3f}" if pairs[name] else f"{'':6s}"
+                    columns.append(f"{summarise(rates[name]):>26s} {paired_ratio(rates, name):6.3f} {paired}")
+                print(f"  {name:38s} {'   '.join(columns)}")
+            results[arch] = {
+                "steps_per_epoch": steps,
+                "wall_steps_per_s": wall,
+                "steps_per_cpu_s": cpu,
+                "paired_wall_ratios": paired_wall,
+                "paired_cpu_ratios": paired_cpu,
+            }
 
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
