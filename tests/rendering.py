@@ -100,3 +100,22 @@ def run_python(project: Path, code: str, timeout: float = 300) -> subprocess.Com
             f"snippet failed ({result.returncode}) in {project}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def torchrun(project: Path, *overrides: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Train the rendered project as ``torchrun --standalone --nproc_per_node=N``, on one machine."""
+    package = project_answers(project)["package_name"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    result = subprocess.run(
+        [*command, "-m", f"{package}.train", *overrides],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"torchrun failed ({result.returncode}) for {project}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result

@@ -1,0 +1,109 @@
+"""Devices and parallelism on CPU: DDP under torchrun with gloo, and the GPU choices' CPU fallback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import copier
+import pytest
+import torch
+from rendering import SMOKE_OVERRIDES, project_env, run_module, torchrun, train
+
+TRAIN_SIZE = 256 - round(256 * 0.2)  # SMOKE_OVERRIDES: 256 synthetic samples, 20 % held out
+
+
+def warnings_in(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning:")]
+
+
+def test_ddp_trains_with_two_torchrun_processes_on_cpu_and_resumes(render_project, tmp_path):
+    project = render_project(parallelism="ddp", device="auto")
+    out = tmp_path / "run"
+    result = torchrun(project, *SMOKE_OVERRIDES, "data.batch_size=16", "epochs=2", f"output_dir={out}")
+
+    # torchrun exits 0 only when both ranks did; rank 0 alone prints, and warns once about the CPU.
+    assert result.stdout.count("epoch 2/2 |") == 1, result.stdout
+    assert len(warnings_in(result.stderr)) == 1, result.stderr
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoints", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    # Each rank takes half of every epoch: 2 ranks x 16 per step makes the global batch 32.
+    assert summary["global_step"] == 2 * (TRAIN_SIZE // 2 // 16)
+    state = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert not any(key.startswith("module.") for key in state["model"])
+
+    resumed = torchrun(project, *SMOKE_OVERRIDES, "data.batch_size=16", "epochs=3", "resume=auto", f"output_dir={out}")
+    assert resumed.stdout.count("resumed from") == 1, resumed.stdout
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 3
+
+
+def test_ddp_project_runs_its_own_tests_with_identical_weights_on_both_ranks(render_project):
+    project = render_project(parallelism="ddp", sync_batchnorm=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_distributed.py"],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "1 passed" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        {"parallelism": "dataparallel", "device": "auto", "gpu_ids": "0,1"},
+        {"parallelism": "dataparallel", "device": "cpu"},
+        {"parallelism": "none", "device": "cuda", "gpu_ids": "1"},
+        {"parallelism": "ddp", "device": "cuda", "gpu_ids": "0,1", "sync_batchnorm": True},
+    ],
+    ids=["dataparallel-auto", "dataparallel-cpu", "cuda-gpu1", "ddp-cuda-syncbn"],
+)
+def test_gpu_choices_train_on_cpu_after_exactly_one_warning(render_project, tmp_path, answers):
+    project = render_project(**answers)
+    out = tmp_path / "run"
+    result = train(project, *SMOKE_OVERRIDES, "epochs=1", f"output_dir={out}")
+
+    assert len(warnings_in(result.stderr)) == 1, result.stderr
+    assert "CPU" in warnings_in(result.stderr)[0]
+    state = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert not any(key.startswith("module.") for key in state["model"])  # saved from the bare module
+
+
+def test_gpu_ids_from_the_config_are_checked_and_name_the_key(render_project, tmp_path):
+    project = render_project(device="auto", gpu_ids="0,1")
+    assert 'gpu_ids: "0,1"' in (project / "configs/default.yaml").read_text()
+    result = run_module(project, "train", *SMOKE_OVERRIDES, "gpu_ids=first", f"output_dir={tmp_path}")
+    assert result.returncode != 0
+    assert "gpu_ids" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("gpu_ids", ["0, 1", "gpu0", "", "0,,1"])
+def test_questionnaire_refuses_malformed_gpu_ids(template_dir, tmp_path, gpu_ids):
+    with pytest.raises(ValueError, match="gpu_ids"):
+        copier.run_copy(
+            str(template_dir), str(tmp_path / "p"), data={"gpu_ids": gpu_ids}, defaults=True, unsafe=True, quiet=True
+        )
+
+
+@pytest.mark.parametrize("parallelism", ["none", "dataparallel", "ddp"])
+def test_checkpoint_with_module_prefix_resumes(render_project, tmp_path, parallelism):
+    """Checkpoints saved from a DataParallel/DDP wrapper by older code carry ``module.``; they still load."""
+    project = render_project(parallelism=parallelism)
+    out = tmp_path / "run"
+    train(project, *SMOKE_OVERRIDES, "epochs=1", f"output_dir={out}")
+    path = out / "checkpoints/last.pt"
+    state = torch.load(path, weights_only=True)
+    state["model"] = {f"module.{key}": value for key, value in state["model"].items()}
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+
+    result = train(project, *SMOKE_OVERRIDES, "epochs=2", f"resume={old}", f"output_dir={tmp_path / 'again'}")
+    assert "resumed from" in result.stdout
+    resumed = torch.load(tmp_path / "again/checkpoints/last.pt", weights_only=True)
+    assert resumed["epoch"] == 2
+    assert not any(key.startswith("module.") for key in resumed["model"])
