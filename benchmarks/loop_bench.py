@@ -232,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, mlp only (a smoke run)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.archs, args.steps, args.repeats = "mlp", 8, 1
+        args.archs, args.steps, args.repeats, args.epochs = "mlp", 8, 1, 1
     return args
 
 
@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cpu: dict[str, list[float]] = {name: [] for name in contenders}
             paired_wall: dict[str, list[float]] = {name: [] for name in contenders}
             paired_cpu: dict[str, list[float]] = {name: [] for name in contenders}
+            outside_ms: dict[str, list[float]] = {name: [] for name in contenders}
             names = list(contenders)
             for repeat in range(args.repeats):
                 shift = repeat % len(names)
@@ -287,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         times, raw = times
                         paired_wall[name] += epoch_ratios(times.steps, times.seconds, raw.steps, raw.seconds)
                         paired_cpu[name] += epoch_ratios(times.steps, times.cpu_seconds, raw.steps, raw.cpu_seconds)
+                        outside = times.fit_seconds - sum(times.seconds) - sum(raw.seconds)
+                        outside_ms[name].append(1000 * outside / len(times.seconds))
                     wall[name].append(times.steps_per_second(skip=1))
                     cpu[name].append(times.steps_per_cpu_second(skip=1))
                     if torch.get_num_threads() != args.threads:
@@ -303,12 +306,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     paired = f"{statistics.median(pairs[name]):6.3f}" if pairs[name] else f"{'':6s}"
                     columns.append(f"{summarise(rates[name]):>26s} {paired_ratio(rates, name):6.3f} {paired}")
                 print(f"  {name:38s} {'   '.join(columns)}")
+            print("  rendered fit() outside the timed loop (setup, validation, checkpoints, loggers), per epoch:")
+            for name, values in outside_ms.items():
+                if values:
+                    print(f"    {name:36s} {statistics.median(values):7.1f} ms (wall)")
             results[arch] = {
                 "steps_per_epoch": steps,
                 "wall_steps_per_s": wall,
                 "steps_per_cpu_s": cpu,
                 "paired_wall_ratios": paired_wall,
                 "paired_cpu_ratios": paired_cpu,
+                "outside_loop_ms_per_epoch": outside_ms,
             }
 
     if args.json:
