@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from rendering import project_answers, project_env, train
+from questionnaire import questions
+from rendering import SMOKE_OVERRIDES, project_answers, project_env, render, train
 
 # Long enough epochs (about 200 steps) that a signal sent after epoch 1's line lands mid-epoch 2, the last.
 LONG_EPOCHS = (
@@ -139,3 +140,105 @@ def test_kill_9_at_random_moments_never_leaves_last_pt_unreadable(default_projec
         # A save cut short leaves its temporary file; the next save removes it, so they never pile up.
         assert len(list((out / "checkpoints").glob(".*.tmp"))) <= 1
     assert epochs_seen[-1] > epochs_seen[1]  # each restart resumed and went on training
+
+
+# --- DDP: the same guarantees with 2 gloo ranks under torchrun --------------------------------------
+
+
+def _has_ddp() -> bool:
+    return any(q.name == "parallelism" and "ddp" in q.choices for q in questions())
+
+
+@pytest.fixture(scope="module")
+def ddp_project(template_dir, tmp_path_factory) -> Path:
+    if not _has_ddp():
+        pytest.skip("copier.yml has no parallelism=ddp yet")
+    return render(template_dir, tmp_path_factory.mktemp("ddp") / "ddp-project", {"parallelism": "ddp", "device": "cpu"})
+
+
+# About 50 steps per rank and epoch: a SIGTERM sent after epoch 1's line lands mid-epoch 2.
+DDP_EPOCHS = (
+    "data.dataset=synthetic",
+    "data.synthetic_size=2048",
+    "data.batch_size=16",
+    "log.progress_bar=false",
+    "deterministic=true",
+    "epochs=2",
+)
+
+
+def torchrun_command(project: Path, *overrides: str) -> list[str]:
+    package = project_answers(project)["package_name"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return [*launcher, "-m", f"{package}.train", *overrides]
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_is_bit_exact(ddp_project, tmp_path):
+    straight = tmp_path / "straight"
+    result = subprocess.run(
+        torchrun_command(ddp_project, *DDP_EPOCHS, f"output_dir={straight}"),
+        cwd=ddp_project,
+        env=project_env(ddp_project),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    out = tmp_path / "run"
+    agent = subprocess.Popen(
+        torchrun_command(ddp_project, *DDP_EPOCHS, f"output_dir={out}"),
+        cwd=ddp_project,
+        env=project_env(ddp_project) | {"PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_line(agent, "epoch 1/2 |")
+    # As a scheduler does: SIGTERM to the launcher, which passes it on to every worker.
+    agent.send_signal(signal.SIGTERM)
+    stdout, stderr = agent.communicate(timeout=300)
+    assert "received SIGTERM: saved" in stdout, stdout + stderr[-4000:]
+    # torchrun itself reports the signal with a traceback of its own; the workers exit cleanly.
+    package = project_answers(ddp_project)["package_name"]
+    assert f"{package}/train.py" not in stderr and "ChildFailedError" not in stderr, stderr[-4000:]
+    stopped = load_last(out)
+    assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
+    assert not (out / "summary.json").exists()
+
+    resumed = subprocess.run(
+        torchrun_command(ddp_project, *DDP_EPOCHS, f"output_dir={out}", "resume=auto"),
+        cwd=ddp_project,
+        env=project_env(ddp_project),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"step {stopped['global_step']}" in resumed.stdout
+    assert_same_training_state(load_last(straight), load_last(out))
+
+
+def test_a_restarted_torchrun_worker_group_resumes_from_last_pt_by_itself(ddp_project, tmp_path):
+    out = tmp_path / "run"
+    train(ddp_project, *SMOKE_OVERRIDES, "epochs=1", f"output_dir={out}")
+
+    def run(restart_count: str) -> subprocess.CompletedProcess:
+        package = project_answers(ddp_project)["package_name"]
+        return subprocess.run(
+            [sys.executable, "-m", f"{package}.train", *SMOKE_OVERRIDES, "epochs=2", f"output_dir={out}"],
+            cwd=ddp_project,
+            env=project_env(ddp_project) | {"TORCHELASTIC_RESTART_COUNT": restart_count},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    restarted = run("1")  # what torchrun --max-restarts sets in a restarted group; config resume=null
+    assert restarted.returncode == 0, restarted.stderr
+    assert f"resumed from {out / 'checkpoints' / 'last.pt'}: epoch 1" in restarted.stdout
+    assert load_last(out)["epoch"] == 2
+
+    first_attempt = run("0")  # a first launch never resumes unless asked
+    assert first_attempt.returncode == 0, first_attempt.stderr
+    assert "resumed from" not in first_attempt.stdout
