@@ -10,6 +10,7 @@ Not a test (no timed assertions): it prints figures to compare runner changes on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,13 +34,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.limit and total > args.limit:
             step = total / args.limit
             combos = [combos[int(i * step)] for i in range(args.limit)]
-        result = run_matrix(combos, tier, args.workers)
+        workers = args.workers or os.cpu_count() or 1
+        result = run_matrix(combos, tier, workers)
         rate = len(combos) / result.wall_s
+        # Steady state: the workers' start-up (importing torch) is paid once per run, not per combination.
+        busy = sum(outcome.render_s + outcome.train_s for outcome in result.outcomes) / len(combos)
+        steady = workers / busy
         print(
             f"{tier:<10} {len(combos):>5}/{total} combinations in {result.wall_s:7.1f}s: "
-            f"{rate:5.2f} combinations/s, median render {result.median_render_s():.3f}s, "
-            f"median train {result.median_train_s():.3f}s, {len(result.failures)} failed; "
-            f"full tier extrapolated {total / rate:7.0f}s"
+            f"{rate:5.2f} combinations/s ({steady:5.2f}/s steady state), median render "
+            f"{result.median_render_s():.3f}s, median train {result.median_train_s():.3f}s, "
+            f"{len(result.failures)} failed; full tier extrapolated {total / steady:7.0f}s plus start-up"
         )
 
 
