@@ -1,0 +1,196 @@
+"""Every subset of logging backends writes its real files, and they hold what training printed.
+
+The console epoch line is always there and serves as the reference; summary.json gives the final
+epoch's values at full precision. Each backend's files are read back with its own library.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import struct
+import tomllib
+from pathlib import Path
+
+import pytest
+from questionnaire import question
+from rendering import SMOKE_OVERRIDES, project_answers, run_module, train
+
+LOGGER_SUBSETS = question("loggers").options()
+BACKENDS = question("loggers").choices
+EPOCHS = 2
+# What each backend leaves behind: files in the run directory, modules in the package, dependencies.
+RUN_FILES = {"csv": "metrics.csv", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow.db"}
+MODULES = {
+    "csv": ["csv_logger.py", "plot.py"],
+    "tensorboard": ["tensorboard_logger.py"],
+    "wandb": ["wandb_logger.py"],
+    "mlflow": ["mlflow_logger.py"],
+}
+DEPENDENCIES = {
+    "csv": ["matplotlib"],
+    "tensorboard": ["tensorboard"],
+    "wandb": ["wandb"],
+    "mlflow": ["mlflow-skinny", "sqlalchemy", "alembic"],
+}
+EPOCH_LINE = re.compile(
+    r"^epoch (\d+)/\d+ \| train_loss (\S+) \| val_loss (\S+) \| val_accuracy (\S+)(?: \(best\))? \| lr (\S+) \|", re.M
+)
+METRICS = ("train_loss", "val_loss", "val_accuracy", "lr")
+
+
+def console_epochs(stdout: str) -> dict[int, dict[str, float]]:
+    """Per-epoch values from the console lines (4 significant decimals)."""
+    return {
+        int(match[1]): dict(zip(METRICS, map(float, match.groups()[1:]), strict=True))
+        for match in EPOCH_LINE.finditer(stdout)
+    }
+
+
+def assert_matches_console(logged: dict[int, dict[str, float]], console: dict[int, dict[str, float]], final: dict):
+    assert sorted(logged) == list(range(1, EPOCHS + 1))
+    for epoch, values in console.items():
+        for name in METRICS:
+            assert logged[epoch][name] == pytest.approx(values[name], rel=1e-3, abs=1e-4), (epoch, name)
+    for name, value in final.items():  # the last epoch at full precision
+        assert logged[EPOCHS][name] == pytest.approx(value, rel=1e-6), name
+
+
+def check_csv(project: Path, run_dir: Path, console: dict, final: dict) -> None:
+    with (run_dir / "metrics.csv").open(newline="") as file:
+        reader = csv.DictReader(file)
+        rows = list(reader)
+    assert reader.fieldnames == ["epoch", *METRICS]
+    assert_matches_console({int(row["epoch"]): {k: float(row[k]) for k in METRICS} for row in rows}, console, final)
+
+    plotted = run_module(project, "plot", str(run_dir))
+    assert plotted.returncode == 0, plotted.stderr
+    png = (run_dir / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def check_tensorboard(run_dir: Path, console: dict, final: dict, summary: dict) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    logged: dict[int, dict[str, float]] = {}
+    for name in METRICS:
+        for event in events.Scalars(name):
+            logged.setdefault(event.step, {})[name] = event.value
+    assert_matches_console(logged, console, final)
+    assert events.Scalars("hparam/val_accuracy")[-1].value == pytest.approx(final["val_accuracy"])
+    assert events.Scalars("hparam/best_val_accuracy")[-1].value == pytest.approx(summary["best_metric"])
+    hparams = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    assert b"optim.lr" in hparams and b"model.arch" in hparams  # the flattened config
+    assert events.Tags()["graph"], "model graph missing"
+
+
+def wandb_records(path: Path) -> list:
+    """Records of a W&B offline run file (LevelDB log format: 32 KiB blocks of checksummed chunks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pending, position, block = [], b"", 7, 32768
+    while position + 7 <= len(data):
+        left = block - position % block
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if left < 7 or (kind == 0 and length == 0):  # block padding
+            position += left
+            continue
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk completes a record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_items(items) -> dict:
+    """Key-value items of a W&B record; the key is in ``key`` or, for some records, ``nested_key``."""
+    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
+def check_wandb(run_dir: Path, console: dict, final: dict, summary: dict) -> None:
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")  # offline: nothing went to a server
+    records = wandb_records(run_file)
+    kinds = [record.WhichOneof("record_type") for record in records]
+    assert kinds[-1] == "exit"
+    (run,) = [record.run for record in records if record.HasField("run")]
+    config = wandb_items(run.config.update)
+    assert config["epochs"] == EPOCHS and config["log"]["wandb_mode"] == "offline"
+    logged = {}
+    for record in records:
+        if record.HasField("history"):
+            row = wandb_items(record.history.item)
+            if "epoch" in row:  # skip W&B's own bookkeeping rows
+                logged[row["epoch"]] = row
+    assert_matches_console(logged, console, final)
+    recorded_summary = {}
+    for record in records:
+        if record.HasField("summary"):
+            recorded_summary.update(wandb_items(record.summary.update))
+    assert recorded_summary["best_metric"] == summary["best_metric"]
+    assert recorded_summary["final_metrics"] == summary["final_metrics"]
+
+
+def check_mlflow(run_dir: Path, console: dict, final: dict, summary: dict) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("my-project")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == str(EPOCHS) and run.data.params["data.dataset"] == "synthetic"
+    logged: dict[int, dict[str, float]] = {}
+    for name in METRICS:
+        for metric in client.get_metric_history(run.info.run_id, name):
+            logged.setdefault(metric.step, {})[name] = metric.value
+    assert_matches_console(logged, console, final)
+    assert run.data.metrics["best_val_accuracy"] == pytest.approx(summary["best_metric"])
+
+
+@pytest.mark.parametrize("loggers", LOGGER_SUBSETS, ids=lambda subset: "+".join(subset) or "none")
+def test_chosen_backends_record_every_epoch_and_unchosen_leave_no_trace(render_project, tmp_path, loggers):
+    project = render_project(loggers=loggers)
+    run_dir = tmp_path / "run"
+    result = train(project, *SMOKE_OVERRIDES, f"epochs={EPOCHS}", f"output_dir={run_dir}")
+    console = console_epochs(result.stdout)
+    assert sorted(console) == [1, 2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final = {"train_loss": summary["final_train_loss"], **summary["final_metrics"]}
+
+    package_dir = project / "src" / project_answers(project)["package_name"]
+    dependencies = tomllib.loads((project / "pyproject.toml").read_text())["project"]["dependencies"]
+    for backend in BACKENDS:
+        chosen = backend in loggers
+        assert (run_dir / RUN_FILES[backend]).exists() == chosen, backend
+        for module in MODULES[backend]:
+            assert (package_dir / module).is_file() == chosen, module
+        for name in DEPENDENCIES[backend]:
+            assert any(re.match(rf"{name}\b", dep) for dep in dependencies) == chosen, name
+    assert (package_dir / "loggers.py").is_file() == bool(loggers)
+
+    if "csv" in loggers:
+        check_csv(project, run_dir, console, final)
+    if "tensorboard" in loggers:
+        check_tensorboard(run_dir, console, final, summary)
+    if "wandb" in loggers:
+        check_wandb(run_dir, console, final, summary)
+    if "mlflow" in loggers:
+        check_mlflow(run_dir, console, final, summary)
+
+
+def test_resumed_run_appends_to_the_csv_exactly_like_an_uninterrupted_one(default_project, tmp_path):
+    assert project_answers(default_project)["loggers"] == ["csv"]
+    common = (*SMOKE_OVERRIDES, "deterministic=true")
+    train(default_project, *common, "epochs=3", f"output_dir={tmp_path / 'straight'}")
+    train(default_project, *common, "epochs=1", f"output_dir={tmp_path / 'split'}")
+    train(default_project, *common, "epochs=3", "resume=auto", f"output_dir={tmp_path / 'split'}")
+    straight = (tmp_path / "straight" / "metrics.csv").read_text()
+    assert straight.count("epoch,") == 1 and len(straight.splitlines()) == 4
+    assert (tmp_path / "split" / "metrics.csv").read_text() == straight
