@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from questionnaire import question
-from rendering import SMOKE_OVERRIDES, project_answers, run_module, train
+from rendering import SMOKE_OVERRIDES, project_answers, run_module, torchrun, train
 
 LOGGER_SUBSETS = question("loggers").options()
 BACKENDS = question("loggers").choices
@@ -194,3 +194,18 @@ def test_resumed_run_appends_to_the_csv_exactly_like_an_uninterrupted_one(defaul
     straight = (tmp_path / "straight" / "metrics.csv").read_text()
     assert straight.count("epoch,") == 1 and len(straight.splitlines()) == 4
     assert (tmp_path / "split" / "metrics.csv").read_text() == straight
+
+
+def test_under_ddp_only_rank_zero_logs(render_project, tmp_path):
+    project = render_project(parallelism="ddp", loggers=list(BACKENDS))
+    run_dir = tmp_path / "run"
+    torchrun(project, *SMOKE_OVERRIDES, "epochs=1", "log.tensorboard_graph=false", f"output_dir={run_dir}", nproc=2)
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 2  # one header, one epoch
+    writers = {path.name.split(".")[-2] for path in (run_dir / "tensorboard").glob("events.out.tfevents.*")}
+    assert len(writers) == 1, f"event files from several processes: {writers}"
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    assert len(client.search_runs([client.get_experiment_by_name("my-project").experiment_id])) == 1

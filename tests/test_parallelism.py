@@ -29,7 +29,8 @@ def test_ddp_trains_with_two_torchrun_processes_on_cpu_and_resumes(render_projec
     assert result.stdout.count("epoch 2/2 |") == 1, result.stdout
     assert len(warnings_in(result.stderr)) == 1, result.stderr
     assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
-    assert sorted(path.name for path in out.iterdir()) == ["checkpoints", "summary.json"]
+    # metrics.csv: the default csv logger, written by rank 0 alone.
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoints", "metrics.csv", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     # Each rank takes half of every epoch: 2 ranks x 16 per step makes the global batch 32.
     assert summary["global_step"] == 2 * (TRAIN_SIZE // 2 // 16)
