@@ -130,7 +130,7 @@ def _answer_that_adds_a_file(template: Path) -> tuple[str, object, Path]:
         ):
             answer, value = match.group(1), True
             rendered = name[: match.start()] + match.group(2) + name[match.end() :]
-        elif match := in_multiselect.search(name):
+        elif (match := in_multiselect.search(name)) and [match.group(1)] != question(match.group(2)).default:
             answer, value = match.group(2), [match.group(1)]
             rendered = name[: match.start()] + match.group(3) + name[match.end() :]
         else:
