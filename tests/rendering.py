@@ -11,7 +11,6 @@ from typing import Any
 
 import copier
 import yaml
-
 from questionnaire import TEMPLATE_ROOT
 
 TEMPLATE_PARTS = ("copier.yml", "template", "hooks")
@@ -35,9 +34,7 @@ def snapshot_template(dst: Path) -> Path:
 
 def render(template: Path, dst: Path, answers: dict[str, Any] | None = None) -> Path:
     """Render ``template`` into ``dst`` with ``answers`` (defaults for the rest), as `copier copy` does."""
-    copier.run_copy(
-        str(template), str(dst), data=answers or {}, defaults=True, unsafe=True, quiet=True, overwrite=True
-    )
+    copier.run_copy(str(template), str(dst), data=answers or {}, defaults=True, unsafe=True, quiet=True, overwrite=True)
     return dst
 
 
