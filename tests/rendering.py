@@ -11,7 +11,6 @@ from typing import Any
 
 import copier
 import yaml
-
 from questionnaire import TEMPLATE_ROOT
 
 TEMPLATE_PARTS = ("copier.yml", "template", "hooks")
@@ -35,9 +34,7 @@ def snapshot_template(dst: Path) -> Path:
 
 def render(template: Path, dst: Path, answers: dict[str, Any] | None = None) -> Path:
     """Render ``template`` into ``dst`` with ``answers`` (defaults for the rest), as `copier copy` does."""
-    copier.run_copy(
-        str(template), str(dst), data=answers or {}, defaults=True, unsafe=True, quiet=True, overwrite=True
-    )
+    copier.run_copy(str(template), str(dst), data=answers or {}, defaults=True, unsafe=True, quiet=True, overwrite=True)
     return dst
 
 
@@ -100,3 +97,36 @@ def run_python(project: Path, code: str, timeout: float = 300) -> subprocess.Com
             f"snippet failed ({result.returncode}) in {project}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def run_package_code(project: Path, code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` in the rendered project's environment; the variable ``pkg`` names its package."""
+    import textwrap
+
+    package = project_answers(project)["package_name"]
+    prelude = f"import importlib\npkg = {package!r}\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code), *args],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# Train, but send ourselves SIGUSR1 after the second validation: the run saves last.pt one step into
+# the third epoch and exits, as a preempted cluster job does. Resuming it must match a straight run
+# even when a schedule depends on the total number of epochs.
+INTERRUPTED_RUN = """
+import os, signal, sys
+train = importlib.import_module(pkg + ".train")
+evaluate, calls = train.evaluate, []
+def evaluate_then_preempt(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return evaluate(*args, **kwargs)
+train.evaluate = evaluate_then_preempt
+train.main(sys.argv[1:])
+"""

@@ -8,48 +8,15 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from rendering import SMOKE_OVERRIDES, project_answers, project_env, train
+from rendering import INTERRUPTED_RUN, SMOKE_OVERRIDES, run_package_code, train
 from torch.optim import lr_scheduler
 
 EPOCHS = 4
 STEPS_PER_EPOCH = 6  # synthetic_size=256 -> 204 training samples -> 6 full batches of 32
 FAST = (*SMOKE_OVERRIDES, "model.arch=mlp", "deterministic=true", f"epochs={EPOCHS}")
-
-
-def run_python(project, code: str, *args: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in the rendered project's environment; ``pkg`` names its package."""
-    package = project_answers(project)["package_name"]
-    prelude = f"import importlib\npkg = {package!r}\n"
-    return subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(code), *args],
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-# Train, but send ourselves SIGUSR1 after the second validation: the run saves last.pt one step
-# into epoch 3 and exits, exactly as on a preempted cluster job.
-INTERRUPTED_RUN = """
-import os, signal, sys
-train = importlib.import_module(pkg + ".train")
-evaluate, calls = train.evaluate, []
-def evaluate_then_preempt(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 2:
-        os.kill(os.getpid(), signal.SIGUSR1)
-    return evaluate(*args, **kwargs)
-train.evaluate = evaluate_then_preempt
-train.main(sys.argv[1:])
-"""
 
 
 def epoch_lrs(stdout: str) -> list[float]:
@@ -120,7 +87,7 @@ def test_schedule_matches_pytorch_each_epoch_and_resumes_bit_exact(render_projec
     assert "scheduler" in final
 
     split_dir = tmp_path / "split"
-    interrupted = run_python(project, INTERRUPTED_RUN, *common, f"output_dir={split_dir}")
+    interrupted = run_package_code(project, INTERRUPTED_RUN, *common, f"output_dir={split_dir}")
     assert interrupted.returncode == 0, interrupted.stderr
     assert "received SIGUSR1" in interrupted.stdout
     train(project, *common, "resume=auto", f"output_dir={split_dir}")
@@ -148,7 +115,7 @@ def _initial_and_final_weights(project, output_dir):
     torch.save(model.state_dict(), sys.argv[-1])
     """
     initial_path = output_dir / "initial.pt"
-    result = run_python(project, code, *FAST, str(initial_path))
+    result = run_package_code(project, code, *FAST, str(initial_path))
     assert result.returncode == 0, result.stderr
     final = torch.load(output_dir / "checkpoints" / "last.pt", weights_only=True)
     return torch.load(initial_path, weights_only=True), final
@@ -222,7 +189,7 @@ def test_nonfinite_loss_stops_naming_step_and_epoch_and_keeps_last_checkpoint(re
     poisoned = tmp_path / "poisoned.pt"
     torch.save(state, poisoned)
 
-    result = run_python(
+    result = run_package_code(
         project,
         "import sys; importlib.import_module(pkg + '.train').main(sys.argv[1:])",
         *FAST,
