@@ -51,27 +51,34 @@ def project_env(project: Path) -> dict[str, str]:
     return env
 
 
+def run_in_project(project: Path, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``argv`` in the project directory with its package importable from src/, capturing output."""
+    return subprocess.run(argv, cwd=project, env=project_env(project), capture_output=True, text=True, timeout=timeout)
+
+
+def check(result: subprocess.CompletedProcess, what: str, project: Path) -> subprocess.CompletedProcess:
+    """Fail the test with the tail of the output when ``result`` exited non-zero."""
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{what} failed ({result.returncode}) for {project}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
 def run_module(project: Path, module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python -m <package>.<module> args...`` in the project directory."""
     package = project_answers(project)["package_name"]
-    return subprocess.run(
-        [sys.executable, "-m", f"{package}.{module}", *args],
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_in_project(project, [sys.executable, "-m", f"{package}.{module}", *args], timeout)
+
+
+def run_project_tests(project: Path, *paths: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the rendered project's own pytest suite (or the given test files) from its directory."""
+    return run_in_project(project, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths], timeout)
 
 
 def train(project: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Train the rendered project; fails the test with the output if training fails."""
-    result = run_module(project, "train", *overrides, timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(
-            f"training failed ({result.returncode}) for {project}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    return result
+    return check(run_module(project, "train", *overrides, timeout=timeout), "training", project)
 
 
 SMOKE_OVERRIDES = (
@@ -84,35 +91,12 @@ SMOKE_OVERRIDES = (
 
 def run_python(project: Path, code: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a Python snippet against the rendered project's package (imported from its src/)."""
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if result.returncode != 0:
-        raise AssertionError(
-            f"snippet failed ({result.returncode}) in {project}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    return result
+    return check(run_in_project(project, [sys.executable, "-c", code], timeout), "snippet", project)
 
 
 def torchrun(project: Path, *overrides: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """Train the rendered project as ``torchrun --standalone --nproc_per_node=N``, on one machine."""
     package = project_answers(project)["package_name"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    result = subprocess.run(
-        [*command, "-m", f"{package}.train", *overrides],
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if result.returncode != 0:
-        raise AssertionError(
-            f"torchrun failed ({result.returncode}) for {project}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    return result
+    result = run_in_project(project, [*command, "-m", f"{package}.train", *overrides], timeout)
+    return check(result, "torchrun", project)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import torch
-from rendering import SMOKE_OVERRIDES, project_env, run_module, train
+from rendering import SMOKE_OVERRIDES, run_module, run_project_tests, train
 
 
 def test_default_project_trains_and_writes_checkpoints_and_summary(default_project, tmp_path):
@@ -71,12 +69,5 @@ def test_config_file_that_is_not_yaml_is_refused(default_project, tmp_path):
 
 
 def test_rendered_project_passes_its_own_tests(default_project):
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        cwd=default_project,
-        env=project_env(default_project),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_project_tests(default_project)
     assert result.returncode == 0, result.stdout[-4000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 import copier
 import pytest
 import torch
-from rendering import SMOKE_OVERRIDES, project_env, run_module, torchrun, train
+from rendering import SMOKE_OVERRIDES, run_module, run_project_tests, torchrun, train
 
 TRAIN_SIZE = 256 - round(256 * 0.2)  # SMOKE_OVERRIDES: 256 synthetic samples, 20 % held out
 
@@ -44,14 +44,7 @@ def test_ddp_trains_with_two_torchrun_processes_on_cpu_and_resumes(render_projec
 
 def test_ddp_project_runs_its_own_tests_with_identical_weights_on_both_ranks(render_project):
     project = render_project(parallelism="ddp", sync_batchnorm=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_distributed.py"],
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_project_tests(project, "tests/test_distributed.py", timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "1 passed" in result.stdout
 

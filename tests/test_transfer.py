@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from rendering import SMOKE_OVERRIDES, project_env, render, run_module, run_python, train
+from rendering import SMOKE_OVERRIDES, render, run_module, run_project_tests, run_python, train
 
 QUICK = [*SMOKE_OVERRIDES, "deterministic=true"]
 
@@ -362,13 +360,6 @@ def test_weight_init_gives_the_expected_statistics(render_project, scheme):
 def test_rendered_fine_tuning_project_passes_its_own_tests(render_project):
     project = render_project(freezing="patterns", freeze_bn=True, pretrained=True)
     assert (project / "tests" / "test_transfer.py").is_file()
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_transfer.py"],
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_project_tests(project, "tests/test_transfer.py")
     assert result.returncode == 0, result.stdout[-4000:]
     assert "3 passed" in result.stdout
