@@ -38,6 +38,16 @@ CASES = [
     Case("DataParallel", {"device": "cuda", "parallelism": "dataparallel"}),
     Case("DDP nccl", {"device": "cuda", "parallelism": "ddp"}, nproc=2),
     Case("DDP nccl SyncBatchNorm", {"device": "cuda", "parallelism": "ddp", "sync_batchnorm": True}, nproc=2),
+    Case("AMP bf16", {"device": "cuda", "amp": "bf16"}),
+    Case("AMP fp16 + clip norm", {"device": "cuda", "amp": "fp16", "grad_clip": "norm"}),
+    Case("AMP fp16 + OneCycle + EMA", {"device": "cuda", "amp": "fp16", "scheduler": "onecycle", "ema": True}),
+    Case("compile (inductor)", {"device": "cuda", "compile": True}),
+    Case("compile + AMP bf16", {"device": "cuda", "compile": True, "amp": "bf16"}),
+    Case(
+        "DDP nccl + compile + fp16 + accumulation",
+        {"device": "cuda", "parallelism": "ddp", "compile": True, "amp": "fp16", "grad_accumulation": True},
+        nproc=2,
+    ),
 ]
 
 
@@ -62,8 +72,13 @@ def run_case(case: Case, template: Path, workdir: Path, gpus: int) -> tuple[bool
         return False, f"checkpoint tensors on {sorted(devices)}, expected cuda"
     if any(key.startswith("module.") for key in state["model"]):
         return False, "checkpoint keys carry the module. prefix"
+    if any(key.startswith("_orig_mod.") for key in state["model"]):
+        return False, "checkpoint keys carry the _orig_mod. prefix of a compiled module"
     summary = json.loads((out / "summary.json").read_text())
-    return True, f"{summary['epochs_completed']} epochs, val_accuracy {summary['final_metrics']['val_accuracy']:.3f}"
+    detail = f"{summary['epochs_completed']} epochs, val_accuracy {summary['final_metrics']['val_accuracy']:.3f}"
+    if "skipped_steps" in summary:  # fp16: a few skipped steps while the scale settles are normal
+        detail += f", {summary['skipped_steps']} of {summary['global_step']} steps skipped by the scaler"
+    return True, detail
 
 
 def main() -> int:

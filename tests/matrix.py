@@ -72,14 +72,19 @@ WORKER_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS"
 def tier_overrides(tier: str, worker_dir: Path) -> tuple[str, ...]:
     """Config overrides applied where the rendered config has the key (features not chosen lack it).
 
+    Both tiers accumulate over 2 batches (each DDP rank sees 4, so it still takes 2 optimiser steps) and
+    capture compiled graphs with torch.compile's ``eager`` backend: inductor's code generation costs
+    ~30 s per project on a CPU, and test_optimisation trains one project with it.
+
     The exhaustive tier keeps every logging backend's code path but makes the two costly ones cheap:
     wandb runs in its ``disabled`` mode (starting its offline service costs ~1s a run) and MLflow logs
     to one SQLite store per worker instead of a fresh store per run (creating the tables costs ~2s a
     run). The logging tests prove each backend's real files; the pairwise tier keeps both at defaults.
     """
+    both = ("optim.accumulation_steps=2", "compile_backend=eager")
     if tier != "exhaustive":
-        return ()
-    return ("log.wandb_mode=disabled", f"log.mlflow_tracking_uri=sqlite:///{worker_dir / 'mlflow.db'}")
+        return both
+    return (*both, "log.wandb_mode=disabled", f"log.mlflow_tracking_uri=sqlite:///{worker_dir / 'mlflow.db'}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,26 @@ def torchrun(project: Path, *overrides: str, nproc: int = 2, timeout: float = 30
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     result = run_in_project(project, [*command, "-m", f"{package}.train", *overrides], timeout)
     return check(result, "torchrun", project)
+
+
+def run_package_code(project: Path, code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` in the rendered project's environment; the variable ``pkg`` names its package."""
+    prelude = f"import importlib\npkg = {project_answers(project)['package_name']!r}\n"
+    return run_in_project(project, [sys.executable, "-c", prelude + textwrap.dedent(code), *args], timeout)
+
+
+# Train, but send ourselves SIGUSR1 after the second validation: the run saves last.pt one step into
+# the third epoch and exits, as a preempted cluster job does. Resuming it must match a straight run
+# even when a schedule depends on the total number of epochs.
+INTERRUPTED_RUN = """
+import os, signal, sys
+train = importlib.import_module(pkg + ".train")
+evaluate, calls = train.evaluate, []
+def evaluate_then_preempt(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return evaluate(*args, **kwargs)
+train.evaluate = evaluate_then_preempt
+train.main(sys.argv[1:])
+"""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from rendering import SMOKE_OVERRIDES, run_module, run_project_tests, train
+from rendering import INTERRUPTED_RUN, SMOKE_OVERRIDES, run_module, run_package_code, run_project_tests, train
 
 
 def test_default_project_trains_and_writes_checkpoints_and_summary(default_project, tmp_path):
@@ -33,7 +33,11 @@ def _final_state(path):
 def test_resume_matches_an_uninterrupted_run_bit_for_bit(default_project, tmp_path):
     common = (*SMOKE_OVERRIDES, "deterministic=true")
     train(default_project, *common, "epochs=4", f"output_dir={tmp_path / 'straight'}")
-    train(default_project, *common, "epochs=2", f"output_dir={tmp_path / 'split'}")
+    # Preempted in epoch 3 rather than a shorter run: the default cosine schedule spans `epochs`.
+    interrupted = run_package_code(
+        default_project, INTERRUPTED_RUN, *common, "epochs=4", f"output_dir={tmp_path / 'split'}"
+    )
+    assert "received SIGUSR1" in interrupted.stdout, interrupted.stderr
     resumed = train(default_project, *common, "epochs=4", "resume=auto", f"output_dir={tmp_path / 'split'}")
     assert "resumed from" in resumed.stdout
 

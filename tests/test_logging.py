@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from questionnaire import question
-from rendering import SMOKE_OVERRIDES, project_answers, run_module, torchrun, train
+from rendering import INTERRUPTED_RUN, SMOKE_OVERRIDES, project_answers, run_module, run_package_code, torchrun, train
 
 LOGGER_SUBSETS = question("loggers").options()
 BACKENDS = question("loggers").choices
@@ -189,7 +189,11 @@ def test_resumed_run_appends_to_the_csv_exactly_like_an_uninterrupted_one(defaul
     assert project_answers(default_project)["loggers"] == ["csv"]
     common = (*SMOKE_OVERRIDES, "deterministic=true")
     train(default_project, *common, "epochs=3", f"output_dir={tmp_path / 'straight'}")
-    train(default_project, *common, "epochs=1", f"output_dir={tmp_path / 'split'}")
+    # Preempted in epoch 3 (the default cosine schedule spans `epochs`, so no shorter first run).
+    interrupted = run_package_code(
+        default_project, INTERRUPTED_RUN, *common, "epochs=3", f"output_dir={tmp_path / 'split'}"
+    )
+    assert "received SIGUSR1" in interrupted.stdout, interrupted.stderr
     train(default_project, *common, "epochs=3", "resume=auto", f"output_dir={tmp_path / 'split'}")
     straight = (tmp_path / "straight" / "metrics.csv").read_text()
     assert straight.count("epoch,") == 1 and len(straight.splitlines()) == 4

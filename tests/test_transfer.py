@@ -141,7 +141,9 @@ def test_freezing_everything_or_a_pattern_matching_nothing_is_a_config_error(ren
 
 
 def test_gradual_unfreezing_adds_params_at_the_epoch_and_resume_across_it_is_exact(render_project, tmp_path):
-    project = render_project(freezing="first_n")
+    # An exponential schedule decays every epoch whatever the run's length, so a 1-epoch run resumed
+    # to 3 epochs must match a straight 3-epoch run; it must also decay the released parameters' rate.
+    project = render_project(freezing="first_n", scheduler="exponential")
     overrides = [*QUICK, "freeze.first_n=2", "freeze.unfreeze_epoch=2"]
     code = (
         SPY
@@ -174,9 +176,10 @@ frozen_names = [name for name, _ in captured["model"].named_parameters() if name
 two = run(2, f"{{out}}/split_late")
 straight = run(3, f"{{out}}/straight")
 early = run(3, f"{{out}}/split_early", resume=True)  # resumes before the unfreeze epoch
-late = run(3, f"{{out}}/split_late", resume=True)  # resumes after it: the released groups exist already
+late = run(3, f"{{out}}/split_late", resume=True)  # resumes after it, with the released parameters
 print(json.dumps({{
-    "groups": [len(one["optimizer"]["param_groups"]), len(two["optimizer"]["param_groups"])],
+    "group_sizes": [[len(g["params"]) for g in state["optimizer"]["param_groups"]] for state in (one, two)],
+    "group_lrs": [g["lr"] for g in straight["optimizer"]["param_groups"]],
     "unfrozen": [one["unfrozen"], two["unfrozen"]],
     "frozen_after_epoch_1": all(torch.equal(one["model"][n], initial[n]) for n in frozen_names),
     "moved_after_epoch_2": [n for n in frozen_names if not torch.equal(two["model"][n], one["model"][n])],
@@ -187,7 +190,11 @@ print(json.dumps({{
     )
     result = run_python(project, code)
     report = json.loads(result.stdout.splitlines()[-1])
-    assert report["groups"] == [2, 4]  # decay/no-decay, then the released weights and biases/norms
+    # The same two groups (decay, no decay) before and after: the released parameters join them.
+    (decay_1, no_decay_1), (decay_2, no_decay_2) = report["group_sizes"]
+    assert decay_2 > decay_1 and no_decay_2 > no_decay_1
+    lr, gamma = 0.002, 0.9  # the rendered config's optim.lr and schedule.gamma: three epochs of decay
+    assert report["group_lrs"] == pytest.approx([lr * gamma**3] * 2)
     assert report["unfrozen"] == [False, True]
     assert report["frozen_after_epoch_1"]
     assert any(name.endswith("weight") for name in report["moved_after_epoch_2"])

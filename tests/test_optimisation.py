@@ -1,0 +1,266 @@
+"""Optimisation features do what PyTorch does, at the right granularity, and survive a resume.
+
+Schedules are compared with PyTorch's own schedulers built directly; clipping, accumulation, EMA,
+early stopping and the non-finite guard are checked from the checkpoints and summaries they leave.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from rendering import INTERRUPTED_RUN, SMOKE_OVERRIDES, run_package_code, train
+from torch.optim import lr_scheduler
+
+EPOCHS = 4
+STEPS_PER_EPOCH = 6  # synthetic_size=256 -> 204 training samples -> 6 full batches of 32
+FAST = (*SMOKE_OVERRIDES, "model.arch=mlp", "deterministic=true", f"epochs={EPOCHS}")
+
+
+def epoch_lrs(stdout: str) -> list[float]:
+    return [float(value) for value in re.findall(r"^epoch \d+/\d+ .*\| lr ([0-9.e+-]+) \|", stdout, re.M)]
+
+
+def epoch_accuracies(stdout: str) -> list[float]:
+    return [float(value) for value in re.findall(r"\| val_accuracy ([0-9.]+)", stdout)]
+
+
+def reference_lrs(scheduler_name: str, warmup: bool, base_lr: float, stdout: str) -> list[float]:
+    """The LR each epoch trains with (and, for OneCycle, the LR after the epoch's last step), from PyTorch."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    decay_epochs = EPOCHS - 2 if warmup else EPOCHS
+    build = {
+        "step": lambda: lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5),
+        "multistep": lambda: lr_scheduler.MultiStepLR(optimizer, milestones=[1, 3], gamma=0.1),
+        "exponential": lambda: lr_scheduler.ExponentialLR(optimizer, gamma=0.7),
+        "cosine": lambda: lr_scheduler.CosineAnnealingLR(optimizer, T_max=decay_epochs, eta_min=1e-4),
+        "lambda": lambda: lr_scheduler.LambdaLR(optimizer, lambda epoch: max(1 - epoch / decay_epochs, 0) ** 2),
+        "onecycle": lambda: lr_scheduler.OneCycleLR(
+            optimizer, max_lr=base_lr, total_steps=EPOCHS * STEPS_PER_EPOCH, pct_start=0.3
+        ),
+        "plateau": lambda: lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0),
+    }
+    scheduler = build[scheduler_name]()
+    if warmup:
+        warm = lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=2)
+        scheduler = lr_scheduler.SequentialLR(optimizer, [warm, scheduler], milestones=[2])
+    lrs = []
+    for accuracy in epoch_accuracies(stdout):
+        if scheduler_name == "onecycle":
+            for _ in range(STEPS_PER_EPOCH):
+                optimizer.step()
+                scheduler.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+            continue
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step(accuracy) if scheduler_name == "plateau" else scheduler.step()
+    return lrs
+
+
+SCHEDULES = {
+    # name: (answers, schedule overrides)
+    "step": ({"scheduler": "step"}, ["schedule.step_size=1", "schedule.gamma=0.5"]),
+    "multistep": ({"scheduler": "multistep"}, ["schedule.milestones=[1, 3]", "schedule.gamma=0.1"]),
+    "exponential+bf16": ({"scheduler": "exponential", "amp": "bf16"}, ["schedule.gamma=0.7"]),
+    "cosine": ({"scheduler": "cosine"}, ["schedule.min_lr=1e-4"]),
+    "cosine+warmup": ({"scheduler": "cosine", "warmup": True}, ["schedule.min_lr=1e-4"]),
+    "lambda+warmup": ({"scheduler": "lambda", "warmup": True}, ["schedule.power=2"]),
+    "onecycle+fp16": ({"scheduler": "onecycle", "amp": "fp16"}, []),
+    "plateau": ({"scheduler": "plateau"}, ["schedule.patience=0", "schedule.factor=0.5"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEDULES))
+def test_schedule_matches_pytorch_each_epoch_and_resumes_bit_exact(render_project, tmp_path, case):
+    answers, overrides = SCHEDULES[case]
+    project = render_project(**answers)
+    common = (*FAST, *overrides)
+    straight = train(project, *common, f"output_dir={tmp_path / 'straight'}")
+
+    expected = reference_lrs(answers["scheduler"], answers.get("warmup", False), 0.002, straight.stdout)
+    assert len(expected) == EPOCHS
+    assert epoch_lrs(straight.stdout) == pytest.approx(expected, rel=6e-3)  # the line prints 3 digits
+    final = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    assert "scheduler" in final
+
+    split_dir = tmp_path / "split"
+    interrupted = run_package_code(project, INTERRUPTED_RUN, *common, f"output_dir={split_dir}")
+    assert interrupted.returncode == 0, interrupted.stderr
+    assert "received SIGUSR1" in interrupted.stdout
+    train(project, *common, "resume=auto", f"output_dir={split_dir}")
+    resumed = torch.load(split_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["global_step"] == final["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    for key, tensor in final["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
+    assert resumed["scheduler"] == final["scheduler"]
+    assert resumed["optimizer"]["param_groups"] == final["optimizer"]["param_groups"]
+    if answers.get("amp") == "fp16":
+        assert resumed["scaler"] == final["scaler"]
+        summary = json.loads((split_dir / "summary.json").read_text())
+        assert summary["skipped_steps"] == resumed["skipped_steps"]
+
+
+def _initial_and_final_weights(project, output_dir):
+    """The weights fit() starts from (same seed, same construction order) and those it saved."""
+    code = """
+    import sys, torch
+    train = importlib.import_module(pkg + ".train")
+    cfg = importlib.import_module(pkg + ".config").load_config("configs/default.yaml", sys.argv[1:-1])
+    train.seed_everything(cfg.seed, cfg.deterministic)
+    importlib.import_module(pkg + ".data").build_loaders(cfg.data, cfg.seed)
+    model = importlib.import_module(pkg + ".model").build_model(cfg.model)
+    torch.save(model.state_dict(), sys.argv[-1])
+    """
+    initial_path = output_dir / "initial.pt"
+    result = run_package_code(project, code, *FAST, str(initial_path))
+    assert result.returncode == 0, result.stderr
+    final = torch.load(output_dir / "checkpoints" / "last.pt", weights_only=True)
+    return torch.load(initial_path, weights_only=True), final
+
+
+@pytest.mark.parametrize("amp", ["none", "fp16"])
+def test_clip_norm_bounds_the_update_in_unscaled_units(render_project, tmp_path, amp):
+    # Plain SGD on one batch: the update is exactly -lr * clipped gradient, so its norm is lr * max_norm.
+    # Clipping the loss-scaled fp16 gradients instead would leave an update 1024 times smaller.
+    project = render_project(optimizer="sgd", grad_clip="norm", amp=amp, scheduler="none")
+    overrides = ["epochs=1", "data.synthetic_size=40", "optim.momentum=0", "optim.weight_decay=0"]
+    overrides += ["optim.lr=1.0", "optim.max_grad_norm=0.01", f"output_dir={tmp_path}"]
+    if amp == "fp16":
+        overrides.append("amp.init_scale=1024")
+    train(project, *FAST, *overrides)
+    initial, final = _initial_and_final_weights(project, tmp_path)
+    assert final["global_step"] == 1
+    params = [key for key in initial if "running" not in key and "num_batches" not in key]
+    update = torch.cat([(final["model"][key] - initial[key]).flatten() for key in params])
+    assert update.norm().item() == pytest.approx(0.01, rel=1e-3)
+
+
+def test_accumulating_micro_batches_equals_one_large_batch(render_project, tmp_path):
+    project = render_project(optimizer="sgd", grad_accumulation=True, scheduler="none")
+    common = (*FAST, "epochs=1", "model.dropout=0", "optim.momentum=0", "optim.weight_decay=0")
+    common += ("data.synthetic_size=200",)  # 160 training samples: 5 batches of 32, 20 of 8
+    train(project, *common, "data.batch_size=8", "optim.accumulation_steps=4", f"output_dir={tmp_path / 'acc'}")
+    train(project, *common, "data.batch_size=32", "optim.accumulation_steps=1", f"output_dir={tmp_path / 'big'}")
+    accumulated = torch.load(tmp_path / "acc" / "checkpoints" / "last.pt", weights_only=True)
+    big = torch.load(tmp_path / "big" / "checkpoints" / "last.pt", weights_only=True)
+    assert accumulated["global_step"] == big["global_step"] == 5
+    for key, tensor in big["model"].items():
+        torch.testing.assert_close(accumulated["model"][key], tensor, rtol=1e-5, atol=1e-6)
+
+    # A short final group still steps: 176 samples -> 22 micro-batches -> 5 full groups and one of 2.
+    tail = train(project, *common, "data.synthetic_size=220", "data.batch_size=8", f"output_dir={tmp_path / 'tail'}")
+    assert "epoch 1/1" in tail.stdout
+    assert torch.load(tmp_path / "tail" / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 6
+
+
+def test_ema_is_evaluated_and_checkpointed(render_project, tmp_path):
+    project = render_project(ema=True)
+    train(project, *FAST, "epochs=2", "optim.ema_decay=0.9", f"output_dir={tmp_path}")
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert int(state["ema"]["n_averaged"]) == state["global_step"]
+    differing = [key for key in state["model"] if not torch.equal(state["model"][key], state["ema"][f"module.{key}"])]
+    assert differing, "EMA weights equal the raw weights"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0.0 <= summary["final_metrics"]["ema_val_accuracy"] <= 1.0
+
+
+def test_early_stopping_stops_on_patience_and_records_why(render_project, tmp_path):
+    project = render_project(early_stopping=True)
+    # min_delta=1 makes every epoch after the first a non-improvement: patience 2 stops after epoch 3.
+    train(
+        project, *FAST, "epochs=6", "early_stopping.patience=2", "early_stopping.min_delta=1", f"output_dir={tmp_path}"
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["epochs_completed"] == 3
+    assert summary["stop_reason"].startswith("early stopping: val_accuracy did not improve")
+
+
+def test_nonfinite_loss_stops_naming_step_and_epoch_and_keeps_last_checkpoint(render_project, tmp_path):
+    project = render_project(nonfinite_guard=True)
+    train(project, *FAST, "epochs=1", f"output_dir={tmp_path}")
+    last = tmp_path / "checkpoints" / "last.pt"
+    good_bytes = last.read_bytes()
+    # Resume from a copy whose weights are NaN: the first forward pass of epoch 2 yields a NaN loss.
+    state = torch.load(last, weights_only=True)
+    state["model"] = {key: torch.full_like(value, float("nan")) for key, value in state["model"].items()}
+    poisoned = tmp_path / "poisoned.pt"
+    torch.save(state, poisoned)
+
+    result = run_package_code(
+        project,
+        "import sys; importlib.import_module(pkg + '.train').main(sys.argv[1:])",
+        *FAST,
+        "epochs=2",
+        f"resume={poisoned}",
+        f"output_dir={tmp_path}",
+    )
+    assert result.returncode != 0
+    assert f"at step {STEPS_PER_EPOCH + 1}, epoch 2" in result.stderr
+    assert last.read_bytes() == good_bytes
+
+
+def test_layer_lr_multipliers_set_group_rates_and_spare_biases_from_decay(render_project, tmp_path):
+    project = render_project(layer_lr=True, scheduler="none")
+    train(project, *FAST, "epochs=1", "optim.lr_multipliers={head.*: 10.0}", f"output_dir={tmp_path}")
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    groups = {
+        (group["lr"], group["weight_decay"]): len(group["params"]) for group in state["optimizer"]["param_groups"]
+    }
+    # MLP: body weight + bias at lr, head weight + bias at 10 * lr; 1-D tensors never decay.
+    assert groups == {(0.002, 0.01): 1, (0.002, 0.0): 1, (0.02, 0.01): 1, (0.02, 0.0): 1}
+
+
+def test_fp16_counts_the_steps_the_scaler_skips(render_project, tmp_path):
+    # CPU autocast in float16: a loss scale of 2**24 overflows the float16 activation gradients until the
+    # scaler has halved it enough, so the first steps are skipped and the rest are taken. With growth out
+    # of reach, every skipped step halved the scale exactly once.
+    project = render_project(amp="fp16", scheduler="none")
+    init_scale = 2.0**24
+    overrides = ["epochs=2", f"amp.init_scale={init_scale}", "amp.growth_interval=1000", f"output_dir={tmp_path}"]
+    result = train(project, *FAST, *overrides)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    skipped = state["skipped_steps"]
+    assert 0 < skipped < state["global_step"] == 2 * STEPS_PER_EPOCH
+    assert state["scaler"]["scale"] == init_scale / 2**skipped
+    assert json.loads((tmp_path / "summary.json").read_text())["skipped_steps"] == skipped
+    assert f"skipped_steps {skipped} |" in result.stdout
+
+
+def test_compiled_model_trains_saves_plain_keys_and_resumes_eagerly(render_project, tmp_path):
+    # The real inductor backend (it generates C++ for the CPU), on the smallest model, for one epoch.
+    project = render_project(compile=True, scheduler="none")
+    out = tmp_path / "run"
+    train(project, *FAST, "epochs=1", "model.width=8", f"output_dir={out}", timeout=600)
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["global_step"] == STEPS_PER_EPOCH
+    assert not any(key.startswith("_orig_mod.") for key in state["model"])
+    # The compiled run's checkpoint resumes with compilation switched off.
+    resumed = train(project, *FAST, "epochs=2", "model.width=8", "compile=false", "resume=auto", f"output_dir={out}")
+    assert "resumed from" in resumed.stdout
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 2
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
+def test_resuming_with_other_epochs_than_the_schedule_spans_is_refused_or_warned(render_project, tmp_path, scheduler):
+    project = render_project(scheduler=scheduler)
+    train(project, *FAST, "epochs=1", f"output_dir={tmp_path}")
+    last = tmp_path / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    result = run_package_code(
+        project,
+        "import sys; importlib.import_module(pkg + '.train').main(sys.argv[1:])",
+        *FAST,
+        "epochs=2",
+        "resume=auto",
+        f"output_dir={tmp_path}",
+    )
+    if scheduler == "onecycle":  # OneCycleLR cannot step past its last step: refused before training
+        assert result.returncode != 0
+        assert "epochs=2, but the resumed OneCycle schedule spans 1 epochs" in result.stderr
+        assert last.read_bytes() == before
+    else:  # a cosine schedule goes on by its formula, with a warning
+        assert result.returncode == 0, result.stderr
+        assert "warning: the resumed schedule spans the 1 epochs it was built for" in result.stderr
