@@ -53,6 +53,10 @@ MATRIX_OVERRIDES = (
     "epochs=1",
 )
 BATCH_SIZE = 24  # combinations per worker task: one ruff call per batch
+# A worker is replaced after this many batches. Each combination leaves a little memory behind (its
+# imported package's objects that torch and the loggers keep referring to); over the exhaustive tier a
+# worker grew past 4 GB, and forking the DDP ranks from it got slower as it grew (page tables to copy).
+BATCHES_PER_WORKER = 8
 DDP_WORLD_SIZE = 2
 
 
@@ -166,7 +170,7 @@ def _init_worker(template: str, tier: str, scratch: str) -> None:
     global _TEMPLATE, _OPTIONAL_OVERRIDES
     _TEMPLATE = Path(template)
     worker_dir = Path(scratch) / f"worker-{os.getpid()}"
-    worker_dir.mkdir()
+    worker_dir.mkdir(exist_ok=True)
     _OPTIONAL_OVERRIDES = tier_overrides(tier, worker_dir)
     os.environ.update(WORKER_ENV)
     _reuse_copier_work()
@@ -416,7 +420,12 @@ def run_matrix(
         batches = [combos[i::count] for i in range(count)]
         # spawn: a clean interpreter per worker (forking a process with torch's threads running is unsafe).
         context = multiprocessing.get_context("spawn")
-        with context.Pool(workers, initializer=_init_worker, initargs=(str(template), tier, scratch)) as pool:
+        with context.Pool(
+            workers,
+            initializer=_init_worker,
+            initargs=(str(template), tier, scratch),
+            maxtasksperchild=BATCHES_PER_WORKER,
+        ) as pool:
             outcomes = [outcome for batch in pool.imap_unordered(run_batch, batches) for outcome in batch]
     return MatrixResult(outcomes, time.perf_counter() - started)
 
