@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_bench.py             # needs a CUDA GPU; exits with a message without one
     python benchmarks/gpu_bench.py --quick     # tiny sizes, one repeat
+    python benchmarks/gpu_bench.py --quick --cpu   # dry run of the same code on the CPU (no GPU figures)
 
 One project is rendered per answer of the template's ``amp`` and ``compile`` questions (read from
 copier.yml; a question the template does not ask is left out) and trained on a model wide enough to
@@ -20,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +66,8 @@ def answer_space() -> list[dict[str, Any]]:
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
-def measure(project: RenderedProject, overrides: list[str]) -> dict[str, float]:
-    """samples/s and stall share of the rendered loop, timed with the GPU synchronised."""
+def measure(project: RenderedProject, overrides: list[str], synchronize: Callable[[], None]) -> dict[str, float]:
+    """samples/s and stall share of the rendered loop, timed with the device synchronised."""
     train = project.train
     build_loaders = train.build_loaders
     loaders: list[TimedLoader] = []
@@ -79,9 +81,9 @@ def measure(project: RenderedProject, overrides: list[str]) -> dict[str, float]:
 
     @functools.wraps(original)  # timed_fit finds `progress` through the signature
     def synchronised_train_one_epoch(*args, **kwargs):
-        torch.cuda.synchronize()
+        synchronize()
         result = original(*args, **kwargs)
-        torch.cuda.synchronize()
+        synchronize()
         return result
 
     train.build_loaders, train.train_one_epoch = timed_build_loaders, synchronised_train_one_epoch
@@ -106,25 +108,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", default="0,4", help="data.num_workers values to compare (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="dry run on the CPU: the same rendering, wrapping and timing, compile with the eager backend; "
+        "checks the script, gives no GPU figures",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.width, args.batch_size, args.steps, args.epochs, args.repeats, args.workers = 16, 64, 5, 1, 1, "0"
-    if not torch.cuda.is_available():
-        print("gpu_bench: no CUDA GPU visible, nothing to measure (run it on a machine with one)")
+    if args.cpu:
+        device, synchronize, compile_overrides = "cpu", lambda: None, ["compile_backend=eager"]
+        print(f"device: CPU (dry run, not GPU figures); torch {torch.__version__}")
+    elif torch.cuda.is_available():
+        device, synchronize, compile_overrides = "cuda", torch.cuda.synchronize, []
+        print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+    else:
+        print("gpu_bench: no CUDA GPU visible, nothing to measure (run it on a machine with one, or pass --cpu)")
         return
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}")
     print(f"model.width={args.width}, batch {args.batch_size}, {args.steps} steps/epoch, {args.repeats} repeats")
 
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         workdir = Path(tmp)
-        projects = {}
+        projects = {}  # label: (project, its own config overrides)
         for n, answers in enumerate(answer_space()):
             label = ", ".join(f"{k}={v}" for k, v in answers.items()) or "default"
-            projects[label] = render_project(workdir, f"bench_gpu_{n}", {"device": "cuda", **answers})
+            project = render_project(workdir, f"bench_gpu_{n}", {"device": device, **answers})
+            projects[label] = project, compile_overrides if answers.get("compile") else []
         runs = itertools.count()
         rows: dict[tuple[str, str], list[dict[str, float]]] = {}
         for _ in range(args.repeats):
-            for (label, project), workers in itertools.product(projects.items(), args.workers.split(",")):
+            for (label, (project, own)), workers in itertools.product(projects.items(), args.workers.split(",")):
                 overrides = [
                     f"epochs={1 + args.epochs}",
                     f"output_dir={workdir / f'run-{next(runs)}'}",
@@ -135,8 +149,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"data.num_workers={workers}",
                     f"model.width={args.width}",
                     "log.progress_bar=false",
+                    *own,
                 ]
-                rows.setdefault((label, workers), []).append(measure(project, overrides))
+                rows.setdefault((label, workers), []).append(measure(project, overrides, synchronize))
         baseline = statistics.median(r["samples_per_s"] for r in next(iter(rows.values())))
         print(f"\n{'answers':32s} {'workers':>7s} {'samples/s':>10s} {'speed-up':>8s} {'stall':>6s}")
         for (label, workers), results in rows.items():

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from questionnaire import TEMPLATE_ROOT
+from questionnaire import TEMPLATE_ROOT, questions
 
 BENCHMARKS = TEMPLATE_ROOT / "benchmarks"
 
@@ -32,3 +32,24 @@ def test_gpu_benchmark_exits_cleanly_without_a_gpu():
         [sys.executable, str(BENCHMARKS / "gpu_bench.py"), "--quick"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_gpu_benchmark_dry_run_on_cpu_measures_every_amp_and_compile_answer():
+    """--cpu runs the GPU script's own rendering, wrapping and timing code: one row per answer pair."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_bench.py"), "--quick", "--cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = result.stdout.split("samples/s")[-1].strip().splitlines()[1:]  # the rows under the header
+    by_question = {q.name: q.options() for q in questions()}
+    expected = {f"amp={amp}, compile={compile}" for amp in by_question["amp"] for compile in by_question["compile"]}
+    measured = {}
+    for row in table:
+        label, rest = row.split("  ", 1)
+        workers, samples_per_s, speed_up, stall = rest.split()
+        measured[label.strip()] = (float(samples_per_s), float(stall.rstrip("%")))
+    assert set(measured) == expected
+    assert all(rate > 0 and 0 <= stall < 100 for rate, stall in measured.values())
