@@ -213,3 +213,36 @@ def test_under_ddp_only_rank_zero_logs(render_project, tmp_path):
 
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     assert len(client.search_runs([client.get_experiment_by_name("my-project").experiment_id])) == 1
+
+
+def test_resumed_run_continues_the_same_wandb_and_mlflow_runs(render_project, tmp_path):
+    from mlflow import MlflowClient
+
+    project = render_project(loggers=["wandb", "mlflow"])
+    run_dir = tmp_path / "run"
+    overrides = (*SMOKE_OVERRIDES, "epochs=3", f"output_dir={run_dir}")
+    interrupted = run_package_code(project, INTERRUPTED_RUN, *overrides)  # preempted early in epoch 3
+    assert "received SIGUSR1" in interrupted.stdout, interrupted.stderr
+    resumed = train(project, *overrides, "resume=auto")
+    assert "resumed from" in resumed.stdout
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("my-project").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2, 3]
+    assert (run_dir / "mlflow-run-id.txt").read_text().strip() == run.info.run_id
+
+    # Offline, each process writes its own directory; both carry the one run id and together every epoch.
+    run_files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2
+    run_ids, epochs = set(), []
+    for run_file in run_files:
+        records = wandb_records(run_file)
+        run_ids |= {record.run.run_id for record in records if record.HasField("run")}
+        epochs += [
+            row["epoch"]
+            for row in (wandb_items(record.history.item) for record in records if record.HasField("history"))
+            if "epoch" in row
+        ]
+    assert run_ids == {(run_dir / "wandb-run-id.txt").read_text().strip()}
+    assert sorted(epochs) == [1, 2, 3]
