@@ -115,6 +115,12 @@ def wandb_items(items) -> dict:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
+def wandb_epoch_rows(records: list) -> list[dict]:
+    """The history rows our loop logged (they carry ``epoch``), leaving out W&B's own bookkeeping rows."""
+    rows = (wandb_items(record.history.item) for record in records if record.HasField("history"))
+    return [row for row in rows if "epoch" in row]
+
+
 def check_wandb(run_dir: Path, console: dict, final: dict, summary: dict) -> None:
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")  # offline: nothing went to a server
     records = wandb_records(run_file)
@@ -123,12 +129,7 @@ def check_wandb(run_dir: Path, console: dict, final: dict, summary: dict) -> Non
     (run,) = [record.run for record in records if record.HasField("run")]
     config = wandb_items(run.config.update)
     assert config["epochs"] == EPOCHS and config["log"]["wandb_mode"] == "offline"
-    logged = {}
-    for record in records:
-        if record.HasField("history"):
-            row = wandb_items(record.history.item)
-            if "epoch" in row:  # skip W&B's own bookkeeping rows
-                logged[row["epoch"]] = row
+    logged = {row["epoch"]: row for row in wandb_epoch_rows(records)}
     assert_matches_console(logged, console, final)
     recorded_summary = {}
     for record in records:
@@ -239,10 +240,6 @@ def test_resumed_run_continues_the_same_wandb_and_mlflow_runs(render_project, tm
     for run_file in run_files:
         records = wandb_records(run_file)
         run_ids |= {record.run.run_id for record in records if record.HasField("run")}
-        epochs += [
-            row["epoch"]
-            for row in (wandb_items(record.history.item) for record in records if record.HasField("history"))
-            if "epoch" in row
-        ]
+        epochs += [row["epoch"] for row in wandb_epoch_rows(records)]
     assert run_ids == {(run_dir / "wandb-run-id.txt").read_text().strip()}
     assert sorted(epochs) == [1, 2, 3]
