@@ -2,7 +2,8 @@
 (exhaustive tier, ``pytest -m exhaustive``) renders with Copier, trains, checkpoints and lints clean.
 
 The tiers run in long-lived worker processes (tests/matrix.py); these tests also prove that the
-covering-set generator covers every pair and that the counted product matches the enumeration.
+covering-set generator covers every pair and that the counted product matches the enumeration, and
+run the own test suites of two feature-rich projects, which the matrix does not.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from questionnaire import (
     questions,
     uncovered_pairs,
 )
+from rendering import run_project_tests
 
 
 def _all_pairs(rows, names):
@@ -133,3 +135,46 @@ def test_matrix_runner_reports_the_combination_that_fails():
     assert len(result.outcomes) == 2
     assert [outcome.answers["package_name"] for outcome in result.failures] == ["class"]
     assert "is a Python keyword" in result.failures[0].error
+
+
+# The matrix trains every combination but does not run a project's own tests. The default project's
+# run them (test_default_project); these two answer sets take the other branches of the rendered test
+# files (accumulation, DDP, DataParallel, freezing, pretrained weights, every logger).
+OWN_TEST_ANSWERS = {
+    "every-feature-ddp": {
+        "device": "cuda",
+        "parallelism": "ddp",
+        "sync_batchnorm": True,
+        "warmup": True,
+        "layer_lr": True,
+        "grad_clip": "norm",
+        "grad_accumulation": True,
+        "ema": True,
+        "early_stopping": True,
+        "freezing": "patterns",
+        "freeze_bn": True,
+        "pretrained": True,
+        "amp": "fp16",
+        "compile": True,
+        "loggers": ["csv", "tensorboard", "wandb", "mlflow"],
+        "weight_init": "kaiming",
+        "model_summary": True,
+    },
+    "dataparallel-onecycle-accumulation": {
+        "device": "cuda",
+        "parallelism": "dataparallel",
+        "scheduler": "onecycle",
+        "amp": "bf16",
+        "grad_accumulation": True,
+        "grad_clip": "value",
+        "freezing": "first_n",
+        "optimizer": "sgd",
+        "loggers": [],
+    },
+}
+
+
+@pytest.mark.parametrize("answers", OWN_TEST_ANSWERS.values(), ids=OWN_TEST_ANSWERS)
+def test_feature_rich_projects_pass_their_own_tests(render_project, answers):
+    result = run_project_tests(render_project(**answers))
+    assert result.returncode == 0, result.stdout[-4000:]
