@@ -15,6 +15,7 @@ import yaml
 from questionnaire import TEMPLATE_ROOT
 
 TEMPLATE_PARTS = ("copier.yml", "template", "hooks")
+PREEMPTED_EXIT_CODE = 75  # a run stopped by SIGTERM/SIGUSR1 saved and exits with this (preemption.py)
 
 
 def snapshot_template(dst: Path) -> Path:
@@ -122,5 +123,8 @@ def evaluate_then_preempt(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGUSR1)
     return evaluate(*args, **kwargs)
 train.evaluate = evaluate_then_preempt
-train.main(sys.argv[1:])
+try:
+    train.main(sys.argv[1:])
+except SystemExit as stop:  # a preempted run exits with PREEMPTED_EXIT_CODE: here the expected outcome
+    sys.exit(0 if stop.code == train.PREEMPTED_EXIT_CODE else stop.code)
 """

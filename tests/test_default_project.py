@@ -22,8 +22,9 @@ def test_default_project_trains_and_writes_checkpoints_and_summary(default_proje
 
     for name in ("last.pt", "best.pt"):
         state = torch.load(out / "checkpoints" / name, weights_only=True)
-        assert {"model", "optimizer", "epoch", "global_step", "best_metric", "rng", "config"} <= state.keys()
-    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 2
+        assert {"format_version", "layout", "model", "optimizer", "scaler", "progress", "rng", "config"} <= state.keys()
+        assert {"epoch", "global_step", "best_metric"} <= state["progress"].keys()
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["progress"]["epoch"] == 2
 
 
 def _final_state(path):
@@ -42,7 +43,7 @@ def test_resume_matches_an_uninterrupted_run_bit_for_bit(default_project, tmp_pa
     assert "resumed from" in resumed.stdout
 
     straight, split = _final_state(tmp_path / "straight"), _final_state(tmp_path / "split")
-    assert straight["global_step"] == split["global_step"]
+    assert straight["progress"]["global_step"] == split["progress"]["global_step"]
     assert straight["model"].keys() == split["model"].keys()
     for key, tensor in straight["model"].items():
         assert torch.equal(tensor, split["model"][key]), key

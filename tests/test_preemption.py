@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from questionnaire import questions
-from rendering import SMOKE_OVERRIDES, project_answers, project_env, render, train
+from rendering import PREEMPTED_EXIT_CODE, SMOKE_OVERRIDES, project_answers, project_env, render, train
 
 # Long enough epochs (about 200 steps) that a signal sent after epoch 1's line lands mid-epoch 2, the last.
 LONG_EPOCHS = (
@@ -60,9 +60,13 @@ def load_last(out: Path) -> dict:
     return torch.load(out / "checkpoints" / "last.pt", weights_only=True)
 
 
+def load_progress(out: Path) -> dict:
+    return load_last(out)["progress"]
+
+
 def assert_same_training_state(expected: dict, actual: dict) -> None:
-    assert expected["global_step"] == actual["global_step"]
-    assert expected["epoch"] == actual["epoch"]
+    assert expected["progress"]["global_step"] == actual["progress"]["global_step"]
+    assert expected["progress"]["epoch"] == actual["progress"]["epoch"]
     assert expected["model"].keys() == actual["model"].keys()
     for key, tensor in expected["model"].items():
         assert torch.equal(tensor, actual["model"][key]), key
@@ -89,16 +93,19 @@ def test_signal_mid_epoch_saves_the_step_and_resume_matches_an_uninterrupted_run
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
 
-    assert process.returncode == 0, stderr  # a clean exit, not death by signal
+    assert process.returncode == PREEMPTED_EXIT_CODE, stderr  # saved and resumable, not finished
     assert f"received {signum.name}: saved" in stdout, stdout
-    stopped = load_last(out)
+    assert "Traceback" not in stderr, stderr
+    stopped = load_progress(out)
     assert stopped["epoch"] == 1  # one completed epoch, the second one under way
     assert 1 <= stopped["batch_in_epoch"] <= STEPS_PER_EPOCH
     assert stopped["global_step"] == STEPS_PER_EPOCH + stopped["batch_in_epoch"]
     assert not (out / "summary.json").exists()
 
     resumed = train(default_project, *LONG_EPOCHS, f"output_dir={out}", "resume=auto")
-    assert f"resumed from {out / 'checkpoints' / 'last.pt'}: epoch 1, step {stopped['global_step']}" in resumed.stdout
+    position = f"step {stopped['global_step']} (epoch 2, {stopped['batch_in_epoch']} batches in)"
+    assert f"resumed from {out / 'checkpoints' / 'last.pt'} at {position}" in resumed.stdout
+    assert f"at {position}; resume with resume=auto" in stdout  # the stop and the resume count alike
     assert_same_training_state(uninterrupted, load_last(out))
 
 
@@ -134,9 +141,10 @@ def test_kill_9_at_random_moments_never_leaves_last_pt_unreadable(default_projec
         assert process.wait() == -signal.SIGKILL
 
         state = load_last(out)  # loads with weights_only=True: never half-written
-        assert {"model", "optimizer", "epoch", "rng"} <= state.keys()
-        assert state["epoch"] >= epochs_seen[-1]  # the previous good checkpoint survived, or a newer one
-        epochs_seen.append(state["epoch"])
+        assert {"model", "optimizer", "progress", "rng"} <= state.keys()
+        epoch = state["progress"]["epoch"]
+        assert epoch >= epochs_seen[-1]  # the previous good checkpoint survived, or a newer one
+        epochs_seen.append(epoch)
         # A save cut short leaves its temporary file; the next save removes it, so they never pile up.
         assert len(list((out / "checkpoints").glob(".*.tmp"))) <= 1
     assert epochs_seen[-1] > epochs_seen[1]  # each restart resumed and went on training
@@ -202,7 +210,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_is_bit_exac
     # torchrun itself reports the signal with a traceback of its own; the workers exit cleanly.
     package = project_answers(ddp_project)["package_name"]
     assert f"{package}/train.py" not in stderr and "ChildFailedError" not in stderr, stderr[-4000:]
-    stopped = load_last(out)
+    stopped = load_progress(out)
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
     assert not (out / "summary.json").exists()
 
@@ -236,9 +244,11 @@ def test_a_restarted_torchrun_worker_group_resumes_from_last_pt_by_itself(ddp_pr
 
     restarted = run("1")  # what torchrun --max-restarts sets in a restarted group; config resume=null
     assert restarted.returncode == 0, restarted.stderr
-    assert f"resumed from {out / 'checkpoints' / 'last.pt'}: epoch 1" in restarted.stdout
-    assert load_last(out)["epoch"] == 2
+    assert f"resumed from {out / 'checkpoints' / 'last.pt'} at step" in restarted.stdout
+    assert load_progress(out)["epoch"] == 2
 
-    first_attempt = run("0")  # a first launch never resumes unless asked
-    assert first_attempt.returncode == 0, first_attempt.stderr
+    first_attempt = run("0")  # a first launch never resumes unless asked, nor overwrites the run there
+    assert first_attempt.returncode == 1, first_attempt.stderr
+    assert "already holds another run" in first_attempt.stderr
     assert "resumed from" not in first_attempt.stdout
+    assert load_progress(out)["epoch"] == 2
