@@ -116,7 +116,7 @@ def timed_fit(
 
     def timed_train_one_epoch(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments
-        with times.epoch(lambda: arguments["progress"].global_step):
+        with times.epoch(lambda: arguments["state"].progress.global_step):
             result = original(*args, **kwargs)
         if after_epoch is not None:
             after_epoch(arguments)

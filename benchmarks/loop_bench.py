@@ -128,7 +128,8 @@ def paired_fit(project: RenderedProject, overrides: list[str], bar: bool) -> tup
     raw = EpochTimes()
 
     def after_epoch(arguments: dict[str, Any]) -> None:
-        raw_epoch(arguments["model"], arguments["loader"], arguments["optimizer"], arguments["device"], raw)
+        state = arguments["state"]
+        raw_epoch(state.train_model, arguments["loader"], state.optimizer, state.device, raw)
 
     return timed_fit(project, overrides, terminal=bar, after_epoch=after_epoch), raw
 

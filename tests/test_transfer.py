@@ -180,7 +180,7 @@ late = run(3, f"{{out}}/split_late", resume=True)  # resumes after it, with the 
 print(json.dumps({{
     "group_sizes": [[len(g["params"]) for g in state["optimizer"]["param_groups"]] for state in (one, two)],
     "group_lrs": [g["lr"] for g in straight["optimizer"]["param_groups"]],
-    "unfrozen": [one["unfrozen"], two["unfrozen"]],
+    "unfrozen": [one["progress"]["unfrozen"], two["progress"]["unfrozen"]],
     "frozen_after_epoch_1": all(torch.equal(one["model"][n], initial[n]) for n in frozen_names),
     "moved_after_epoch_2": [n for n in frozen_names if not torch.equal(two["model"][n], one["model"][n])],
     "early_exact": same(straight["model"], early["model"]) and same(straight["optimizer"], early["optimizer"]),
