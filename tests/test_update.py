@@ -7,7 +7,9 @@ and tags v0.2.0, renders the older version, commits a user's edit, and updates w
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import copier
@@ -218,3 +220,40 @@ def test_migrations_in_copier_yml_are_pep440_versions_and_call_existing_hooks():
         scripts = [part for part in entry["command"] if isinstance(part, str) and part.endswith(".py")]
         for script in scripts:
             assert (TEMPLATE_ROOT / "hooks" / Path(script).name).is_file(), script
+
+
+def readme_copy_command() -> str:
+    """The `copier copy` of the template README's first command, as a new user runs it."""
+    from questionnaire import TEMPLATE_ROOT
+
+    readme = (TEMPLATE_ROOT / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if "copier copy" in line)
+    (copy,) = [part for part in first.split(" && ") if "copier copy" in part]
+    return copy
+
+
+def test_the_project_of_the_readmes_first_command_takes_a_later_template_commit(template_repo, tmp_path):
+    """The README renders from a checkout with `--vcs-ref=HEAD`; the project must record where.
+
+    With `.` as the template path Copier records `_src_path: .`, which `copier update` later resolves
+    against the project itself and fails with `Unknown revision`.
+    """
+    copier_cli = Path(sys.executable).parent / "copier"
+    command = readme_copy_command().replace(".venv/bin/copier", shlex.quote(str(copier_cli)))
+    assert command != readme_copy_command(), "the README's first command no longer runs .venv/bin/copier"
+    subprocess.run(["bash", "-c", command], cwd=template_repo, check=True, capture_output=True)
+    project = tmp_path / "my-project"  # ../my-project from the checkout
+    assert Path(project_answers(project)["_src_path"]) == template_repo
+    git(project, "init", "-q")
+    commit_all(project, "rendered from the checkout")
+
+    # A later commit of the checkout, not tagged: what a user of the README's flow pulls.
+    edit(template_repo / "template/configs/default.yaml.jinja", "progress_bar: true", "progress_bar: false")
+    commit_all(template_repo, "template: no progress bar by default")
+    head = git(template_repo, "rev-parse", "--short", "HEAD").strip()
+
+    update = [str(copier_cli), "update", "--trust", "--defaults", "--vcs-ref=HEAD"]
+    result = subprocess.run(update, cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "progress_bar: false" in (project / CONFIG).read_text()
+    assert head in project_answers(project)["_commit"]
