@@ -6,7 +6,7 @@ imports the rendered package (purging the previous one from ``sys.modules``, sin
 ``package_name``), builds the config with the rendered ``config.load_config`` plus smoke overrides and
 calls the in-process ``fit(cfg)``. It then checks a finite training loss, at least two optimiser steps,
 ``summary.json`` and a checkpoint that loads with ``torch.load(weights_only=True)`` back into the model.
-DDP combinations run ``fit`` in two forked gloo processes (``RANK``/``WORLD_SIZE``/``MASTER_*`` set).
+DDP and FSDP combinations run ``fit`` in two forked gloo processes (``RANK``/``WORLD_SIZE``/``MASTER_*`` set).
 Each worker lints its batch of projects with ONE ``ruff check`` and ONE ``ruff format --check`` call
 and byte-compiles them.
 
@@ -314,8 +314,12 @@ def _check_outputs(model_module: Any, cfg: Any) -> dict[str, Any]:
         raise AssertionError(f"training loss is not finite: {summary['final_train_loss']}")
     if summary["global_step"] < 2:
         raise AssertionError(f"only {summary['global_step']} optimiser steps")
-    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    model_module.build_model(cfg.model).load_state_dict(state["model"])
+    last = out / "checkpoints" / "last.pt"
+    if last.is_file():
+        model_state = torch.load(last, weights_only=True)["model"]
+    else:  # FSDP: a checkpoint directory; its model.pt holds the full model
+        model_state = torch.load(last.with_suffix("") / "model.pt", weights_only=True)
+    model_module.build_model(cfg.model).load_state_dict(model_state)
     return summary
 
 
@@ -329,7 +333,7 @@ def run_one(answers: dict[str, Any], project: Path) -> Outcome:
         out = project / "runs" / "matrix"
         overrides = (*MATRIX_OVERRIDES, f"output_dir={out}")
         started = time.perf_counter()
-        ddp = answers.get("parallelism") == "ddp"
+        ddp = answers.get("parallelism") in ("ddp", "fsdp")  # two forked ranks
         if ddp:
             _fit_ddp(project, package, overrides)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

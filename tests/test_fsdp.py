@@ -1,0 +1,253 @@
+"""FSDP on CPU: 2 gloo ranks under torchrun, sharded checkpoint directories, exact resumes, model.pt.
+
+A checkpoint of an FSDP project is a directory (checkpoints/saves/step-N) that the links ``last``,
+``best`` and ``step-N`` point at: DCP shards of the model and optimiser tensors, state.pt (the rest)
+and model.pt (the full model). The tests read the shards back without a process group through
+``dcp_to_torch_save``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rendering import (
+    SMOKE_OVERRIDES,
+    project_answers,
+    project_env,
+    render,
+    run_package_code,
+    torchrun,
+    train,
+)
+from test_preemption import wait_for_line
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+# 85 synthetic samples: 68 to train (34 per rank, 4 steps of 8 each), 17 to validate: 9 on rank 0 and
+# 8 on rank 1, so rank 0 runs one validation batch more and rank 1 must join its forward.
+UNEVEN = ("data.dataset=synthetic", "data.synthetic_size=85", "data.batch_size=16", "log.progress_bar=false")
+# About 50 steps per rank and epoch: a SIGTERM sent after epoch 1's line lands mid-epoch 2.
+LONG_EPOCHS = (
+    "data.dataset=synthetic",
+    "data.synthetic_size=2048",
+    "data.batch_size=16",
+    "log.progress_bar=false",
+    "deterministic=true",
+    "epochs=2",
+)
+
+
+@pytest.fixture(scope="module")
+def fsdp_project(template_dir, tmp_path_factory) -> Path:
+    return render(
+        template_dir, tmp_path_factory.mktemp("fsdp") / "fsdp-project", {"parallelism": "fsdp", "device": "cpu"}
+    )
+
+
+def torchrun_command(project: Path, *args: str) -> list[str]:
+    """torchrun with 2 CPU ranks; ``args`` start with ``-m <module>`` or a script path."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+
+
+def run_torchrun(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        torchrun_command(project, *args),
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def checkpoint_state(checkpoint: Path, scratch: Path) -> dict:
+    """Everything a checkpoint directory holds: state.pt, with the full tensors of its shards merged in."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    dcp_to_torch_save(checkpoint, scratch / "shards.pt")
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    shards = torch.load(scratch / "shards.pt", weights_only=True)
+    state["model"], state["optimizer"]["state"] = shards["model"], shards["optimizer"]["state"]
+    return state
+
+
+def assert_same_training_state(expected: dict, actual: dict) -> None:
+    assert expected["progress"]["global_step"] == actual["progress"]["global_step"]
+    assert expected["progress"]["epoch"] == actual["progress"]["epoch"]
+    assert expected["model"].keys() == actual["model"].keys()
+    for key, tensor in expected["model"].items():
+        assert torch.equal(tensor, actual["model"][key]), key
+    assert expected["optimizer"]["state"].keys() == actual["optimizer"]["state"].keys()
+    for param_id, moments in expected["optimizer"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, actual["optimizer"]["state"][param_id][name]), (param_id, name)
+
+
+LOADS_INTO_THE_BARE_MODEL = """
+import sys, torch
+cfg = importlib.import_module(pkg + ".config").load_config(None, [])
+model = importlib.import_module(pkg + ".model").build_model(cfg.model)
+model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+"""
+
+
+def test_fsdp_trains_with_two_torchrun_ranks_on_cpu_writes_checkpoint_directories_and_resumes(fsdp_project, tmp_path):
+    out = tmp_path / "run"
+    result = torchrun(fsdp_project, *UNEVEN, "epochs=2", f"output_dir={out}")
+
+    assert result.stdout.count("epoch 2/2 |") == 1, result.stdout  # rank 0 alone prints
+    assert "Traceback" not in result.stderr and "UserWarning" not in result.stderr, result.stderr[-4000:]
+    checkpoints = out / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["best", "last", "saves"]
+    assert (checkpoints / "last").readlink() == Path("saves/step-000000008")  # relative: the run can move
+    assert sorted(path.name for path in (checkpoints / "saves").iterdir()) == ["step-000000008"]  # epoch 1's removed
+    last = checkpoints / "last"
+    assert sorted(path.name for path in last.iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "model.pt",
+        "state.pt",
+    ]
+    state = torch.load(last / "state.pt", weights_only=True)
+    assert state["progress"]["global_step"] == 8 and len(state["rng"]) == 2  # every rank's random state
+    # model.pt: the full model with plain keys, for the bare model.
+    model = torch.load(last / "model.pt", weights_only=True)
+    assert not any(key.startswith(("module.", "_orig_mod.", "_fsdp")) for key in model)
+    run_package_code(fsdp_project, LOADS_INTO_THE_BARE_MODEL, str(last / "model.pt"))
+
+    resumed = torchrun(fsdp_project, *UNEVEN, "epochs=3", "resume=auto", f"output_dir={out}")
+    assert f"resumed from {last} at step 8 (2 epochs completed)" in resumed.stdout
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 3
+
+
+def test_sigterm_mid_epoch_then_resume_auto_matches_an_uninterrupted_run_bit_for_bit(fsdp_project, tmp_path):
+    package = project_answers(fsdp_project)["package_name"]
+    straight = tmp_path / "straight"
+    result = run_torchrun(fsdp_project, "-m", f"{package}.train", *LONG_EPOCHS, f"output_dir={straight}")
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    out = tmp_path / "run"
+    agent = subprocess.Popen(
+        torchrun_command(fsdp_project, "-m", f"{package}.train", *LONG_EPOCHS, f"output_dir={out}"),
+        cwd=fsdp_project,
+        env=project_env(fsdp_project) | {"PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_line(agent, "epoch 1/2 |")
+    agent.send_signal(signal.SIGTERM)  # as a scheduler does: torchrun passes it on to every rank
+    stdout, stderr = agent.communicate(timeout=300)
+    assert "received SIGTERM: saved" in stdout, stdout + stderr[-4000:]
+    assert f"{package}/train.py" not in stderr and "ChildFailedError" not in stderr, stderr[-4000:]
+    stopped = torch.load(out / "checkpoints/last/state.pt", weights_only=True)["progress"]
+    assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
+    assert not (out / "summary.json").exists()
+
+    resumed = run_torchrun(fsdp_project, "-m", f"{package}.train", *LONG_EPOCHS, f"output_dir={out}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"at step {stopped['global_step']} (epoch 2, {stopped['batch_in_epoch']} batches in)" in resumed.stdout
+    expected = checkpoint_state(straight / "checkpoints/last", tmp_path / "a")
+    assert_same_training_state(expected, checkpoint_state(out / "checkpoints/last", tmp_path / "b"))
+    assert expected["model"].keys() == torch.load(out / "checkpoints/last/model.pt", weights_only=True).keys()
+
+
+# Rank 0 is killed with SIGKILL in its second save, after every rank has written its shards and before
+# the directory is published: the moment a half-written checkpoint would be most likely to be taken.
+KILLED_IN_SECOND_SAVE = """
+import importlib, os, signal, sys
+distributed = importlib.import_module(sys.argv.pop(1) + ".distributed")
+publish, saves = distributed.publish_checkpoint_dir, []
+def publish_or_die(*args, **kwargs):
+    saves.append(1)
+    if len(saves) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return publish(*args, **kwargs)
+distributed.publish_checkpoint_dir = publish_or_die
+importlib.import_module(distributed.__package__ + ".train").main(sys.argv[1:])
+"""
+
+
+def test_a_kill_9_during_a_save_leaves_the_previous_checkpoint_as_last_and_it_resumes(fsdp_project, tmp_path):
+    package = project_answers(fsdp_project)["package_name"]
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_IN_SECOND_SAVE)
+    out = tmp_path / "run"
+    overrides = (*UNEVEN, "epochs=3", f"output_dir={out}")
+    killed = run_torchrun(fsdp_project, str(script), package, *overrides)
+    assert killed.returncode != 0
+    checkpoints = out / "checkpoints"
+    # The second save's shards are all on disk, under a temporary name that nothing points at.
+    assert [path.name for path in (checkpoints / "saves").glob(".*.tmp")] == [".step-000000008.tmp"]
+    assert (checkpoints / "last").resolve().name == "step-000000004"
+    assert torch.load(checkpoints / "last/state.pt", weights_only=True)["progress"]["epoch"] == 1
+
+    resumed = run_torchrun(fsdp_project, "-m", f"{package}.train", *overrides, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stdout and "at step 4 (1 epochs completed)" in resumed.stdout
+    assert not list((checkpoints / "saves").glob(".*.tmp"))  # the next save removed the leftover
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 3
+
+
+# Restores the last checkpoint into a freshly sharded model on both ranks and compares its outputs with
+# the bare model loaded from model.pt, on rank 0.
+SHARDED_AGAINST_MODEL_PT = """
+import importlib, os, sys
+from pathlib import Path
+import torch
+pkg, last = sys.argv[1], Path(sys.argv[2])
+train = importlib.import_module(pkg + ".train")
+distributed = importlib.import_module(pkg + ".distributed")
+cfg = importlib.import_module(pkg + ".config").load_config(None, sys.argv[3:])
+device = distributed.setup(cfg)
+state = train.build_state(cfg, device, steps_per_epoch=4)
+train.restore(state, cfg, last)
+inputs = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+state.model.eval()
+with torch.no_grad():
+    sharded = state.model(inputs)
+if distributed.is_main_process():
+    bare = importlib.import_module(pkg + ".model").build_model(cfg.model).eval()
+    bare.load_state_dict(torch.load(last / "model.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(bare(inputs), sharded), (bare(inputs) - sharded).abs().max()
+    print("outputs equal")
+distributed.teardown()
+"""
+
+
+def test_the_consolidated_model_pt_gives_the_outputs_of_the_sharded_model(fsdp_project, tmp_path):
+    out = tmp_path / "run"
+    torchrun(fsdp_project, *UNEVEN, "epochs=1", f"output_dir={out}")
+    script = tmp_path / "compare.py"
+    script.write_text(SHARDED_AGAINST_MODEL_PT)
+    package = project_answers(fsdp_project)["package_name"]
+    last = out / "checkpoints/last"
+    result = run_torchrun(fsdp_project, str(script), package, str(last), *UNEVEN, f"output_dir={out}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "outputs equal" in result.stdout
+
+
+STEPPED = (*SMOKE_OVERRIDES, "epochs=3", "deterministic=true", "checkpoint.every_n_steps=4", "log.every_n_steps=3")
+
+
+def test_step_checkpoint_links_keep_the_newest_and_each_resumes_bit_for_bit(fsdp_project, tmp_path):
+    """One process: a world of one runs the same sharding and checkpoint code."""
+    straight = tmp_path / "straight"
+    train(fsdp_project, *STEPPED, "checkpoint.keep_last=2", f"output_dir={straight}")
+    checkpoints = straight / "checkpoints"
+    assert sorted(path.name for path in checkpoints.glob("step-*")) == ["step-000000012", "step-000000016"]
+    in_use = {path.resolve() for path in checkpoints.iterdir() if path.is_symlink()}
+    assert {path.resolve() for path in (checkpoints / "saves").iterdir()} == in_use  # nothing else kept
+    assert (checkpoints / "best").is_dir() and (checkpoints / "last").resolve().name == "step-000000018"
+
+    resumed = tmp_path / "from-12"
+    result = train(fsdp_project, *STEPPED, f"resume={checkpoints / 'step-000000012'}", f"output_dir={resumed}")
+    assert f"resumed from {checkpoints / 'step-000000012'} at step 12" in result.stdout
+    expected = checkpoint_state(checkpoints / "last", tmp_path / "a")
+    assert_same_training_state(expected, checkpoint_state(resumed / "checkpoints/last", tmp_path / "b"))
