@@ -251,3 +251,19 @@ def test_step_checkpoint_links_keep_the_newest_and_each_resumes_bit_for_bit(fsdp
     assert f"resumed from {checkpoints / 'step-000000012'} at step 12" in result.stdout
     expected = checkpoint_state(checkpoints / "last", tmp_path / "a")
     assert_same_training_state(expected, checkpoint_state(resumed / "checkpoints/last", tmp_path / "b"))
+
+
+def test_activation_checkpointing_trains_the_same_weights_and_batchnorm_statistics(fsdp_project, tmp_path):
+    """The recomputation in the backward pass gives the same gradients and leaves running statistics alone."""
+    overrides = (*UNEVEN, "epochs=1", "deterministic=true")
+    for checkpointing in ("false", "true"):
+        torchrun(
+            fsdp_project,
+            *overrides,
+            f"fsdp.activation_checkpointing={checkpointing}",
+            f"output_dir={tmp_path / checkpointing}",
+        )
+    plain, recomputed = (
+        torch.load(tmp_path / name / "checkpoints/last/model.pt", weights_only=True) for name in ("false", "true")
+    )
+    assert all(torch.equal(plain[key], recomputed[key]) for key in plain)  # num_batches_tracked included
