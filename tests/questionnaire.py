@@ -7,6 +7,7 @@ is tested with no second list to keep in sync.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -79,6 +80,20 @@ class Question:
         if self.type == "bool" and isinstance(value, str):
             return value.strip().lower() not in FALSE_STRINGS
         return value
+
+
+def depends_on(q: Question) -> list[str]:
+    """The questions whose answers ``q``'s ``when`` reads, in questionnaire order."""
+    if not isinstance(q.when, str):
+        return []
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", q.when))
+    return [other.name for other in questions() if other.name in words and other.name != q.name]
+
+
+def skipping_contexts(name: str) -> list[dict[str, Any]]:
+    """Every combination of the answers ``name``'s ``when`` reads under which ``name`` is not asked."""
+    q = question(name)
+    return [answers for answers in combinations(depends_on(q)) if not q.is_asked(answers)]
 
 
 @cache
