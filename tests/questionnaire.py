@@ -90,6 +90,21 @@ def depends_on(q: Question) -> list[str]:
     return [other.name for other in questions() if other.name in words and other.name != q.name]
 
 
+# A valid answer, other than the default, to each conditional free-text question: copier.yml lists no
+# options for them, and the tests that pass answers to skipped questions need one.
+SAMPLE_ANSWERS = {"gpu_ids": "1,3"}
+
+
+def other_answers(name: str, answers: dict[str, Any]) -> list[Any]:
+    """Every answer to ``name`` but its default under ``answers`` (a sample one for free text)."""
+    q = question(name)
+    if not q.options():
+        assert name in SAMPLE_ANSWERS, f"add a valid sample answer for {name} to SAMPLE_ANSWERS"
+        return [SAMPLE_ANSWERS[name]]
+    default = q.default_for(answers)
+    return [option for option in q.options() if option != default]
+
+
 def skipping_contexts(name: str) -> list[dict[str, Any]]:
     """Every combination of the answers ``name``'s ``when`` reads under which ``name`` is not asked."""
     q = question(name)

@@ -32,16 +32,13 @@ from questionnaire import (
     COPIER_YML,
     combinations,
     depends_on,
-    question,
+    other_answers,
     questions,
     skipping_contexts,
 )
 from rendering import project_answers, render, tree_differences
 
 # --- Answers to skipped questions are inert --------------------------------------------------------
-
-# A free-text question chooses no code, so copier.yml gives no options to try: one valid answer each.
-FREE_TEXT_SAMPLES = {"gpu_ids": "1,3"}
 
 # Files that others are rewriting: a guard in them waits for the lead (see the guard list in the
 # inert-answers report). The test fails for any other file.
@@ -61,21 +58,12 @@ PENDING_GUARDS = {
 }
 
 
-def answers_to_try(name: str, context: dict[str, Any]) -> list[Any]:
-    q = question(name)
-    if not q.options():
-        assert name in FREE_TEXT_SAMPLES, f"add a valid sample answer for {name} to FREE_TEXT_SAMPLES"
-        return [FREE_TEXT_SAMPLES[name]]
-    default = q.default_for(context)
-    return [option for option in q.options() if option != default]
-
-
 def skipped_cases() -> list[Any]:
     cases = []
     for q in questions():
         for context in skipping_contexts(q.name):
             given = {name: context[name] for name in depends_on(q)}
-            for answer in answers_to_try(q.name, context):
+            for answer in other_answers(q.name, context):
                 where = ",".join(f"{name}={value}" for name, value in given.items())
                 marks = []
                 if q.name in PENDING_GUARDS:
@@ -115,7 +103,7 @@ def asked_cases() -> list[Any]:
             continue
         context = next(c for c in combinations(depends_on(q)) if q.is_asked(c))
         given = {name: context[name] for name in depends_on(q)}
-        for answer in answers_to_try(q.name, context):
+        for answer in other_answers(q.name, context):
             cases.append(pytest.param(q.name, answer, given, id=f"{q.name}={answer}"))
     return cases
 
