@@ -19,7 +19,22 @@ import yaml
 
 TEMPLATE_ROOT = Path(__file__).resolve().parents[1]
 COPIER_YML = TEMPLATE_ROOT / "copier.yml"
-FALSE_STRINGS = {"", "false", "no", "n", "off", "0", "none", "null"}
+
+
+def copier_bool(value: Any) -> bool:
+    """A rendered ``when`` (or bool default) read as Copier's ``cast_to_bool`` reads it.
+
+    tests/test_copier_versions.py checks the outcome against the answers stock Copier records.
+    """
+    try:
+        return bool(float(value))
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in {"", "n", "no", "f", "false", "off", "~", "null", "none"}:
+            return False
+    return bool(value)
 
 
 @cache
@@ -70,15 +85,12 @@ class Question:
         return []
 
     def is_asked(self, answers: dict[str, Any]) -> bool:
-        when = render_value(self.when, answers)
-        if isinstance(when, str):
-            return when.strip().lower() not in FALSE_STRINGS
-        return bool(when)
+        return copier_bool(render_value(self.when, answers))
 
     def default_for(self, answers: dict[str, Any]) -> Any:
         value = render_value(self.default, answers)
-        if self.type == "bool" and isinstance(value, str):
-            return value.strip().lower() not in FALSE_STRINGS
+        if self.type == "bool":
+            return copier_bool(value)
         return value
 
 
