@@ -162,8 +162,12 @@ def _reuse_copier_work() -> None:
         return compiled[key]
 
     jinja2.Environment.compile = compile_once
-    copier._main.Worker._sync_git_index_executable_bit = lambda self, dst_relpath, src_mode: None
-    copier._template.get_repo = functools.cache(copier._template.get_repo)
+    # Copier internals, patched where this Copier has them (tests/test_copier_versions.py proves that the
+    # renders still equal stock Copier's).
+    if hasattr(copier._main.Worker, "_sync_git_index_executable_bit"):
+        copier._main.Worker._sync_git_index_executable_bit = lambda self, dst_relpath, src_mode: None
+    if hasattr(copier._template, "get_repo"):
+        copier._template.get_repo = functools.cache(copier._template.get_repo)
 
 
 def _init_worker(template: str, tier: str, scratch: str) -> None:
@@ -181,6 +185,23 @@ def _init_worker(template: str, tier: str, scratch: str) -> None:
     # The first optimiser of a process imports torch._dynamo (seconds): pay it once here, not in every
     # forked DDP rank.
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+
+def _init_render_worker(template: str) -> None:
+    global _TEMPLATE
+    _TEMPLATE = Path(template)
+    _reuse_copier_work()
+
+
+def _render_job(job: tuple[dict[str, Any], str]) -> None:
+    render(_TEMPLATE, Path(job[1]), job[0])
+
+
+def render_as_the_matrix_does(template: Path, jobs: list[tuple[dict[str, Any], Path]]) -> None:
+    """Render each (answers, destination) as the matrix workers do, Copier's speed-ups patched in; no training."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1, initializer=_init_render_worker, initargs=(str(template),)) as pool:
+        pool.map(_render_job, [(answers, str(dst)) for answers, dst in jobs])
 
 
 def _purge(package: str) -> None:
