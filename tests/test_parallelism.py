@@ -11,7 +11,7 @@ from pathlib import Path
 import copier
 import pytest
 import torch
-from rendering import SMOKE_OVERRIDES, run_module, run_project_tests, torchrun, train
+from rendering import SMOKE_OVERRIDES, project_env, run_module, run_project_tests, torchrun, train
 
 TRAIN_SIZE = 256 - round(256 * 0.2)  # SMOKE_OVERRIDES: 256 synthetic samples, 20 % held out
 
@@ -32,14 +32,41 @@ def test_ddp_trains_with_two_torchrun_processes_on_cpu_and_resumes(render_projec
     # metrics.csv: the default csv logger, written by rank 0 alone.
     assert sorted(path.name for path in out.iterdir()) == ["checkpoints", "metrics.csv", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
-    # Each rank takes half of every epoch: 2 ranks x 16 per step makes the global batch 32.
-    assert summary["global_step"] == 2 * (TRAIN_SIZE // 2 // 16)
+    # data.batch_size is the global batch: each rank takes 8 of every 16, so the run takes the steps of one process.
+    assert summary["global_step"] == 2 * (TRAIN_SIZE // 2 // 8)
     state = torch.load(out / "checkpoints/last.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in state["model"])
 
     resumed = torchrun(project, *SMOKE_OVERRIDES, "data.batch_size=16", "epochs=3", "resume=auto", f"output_dir={out}")
     assert resumed.stdout.count("resumed from") == 1, resumed.stdout
     assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 3
+
+
+def test_other_ranks_are_quiet_but_a_user_s_own_prints_reach_the_console(render_project, tmp_path):
+    project = render_project(parallelism="ddp", device="cpu")
+    script = tmp_path / "chatty.py"
+    script.write_text(
+        "import os, sys\n"
+        "from my_project import train\n"
+        "train_one_epoch = train.train_one_epoch\n"
+        "def chatty(*args):\n"
+        "    print(f\"hello from rank {os.environ['RANK']}\", flush=True)\n"
+        "    return train_one_epoch(*args)\n"
+        "train.train_one_epoch = chatty\n"
+        "train.main(sys.argv[1:])\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    result = subprocess.run(
+        [*command, *SMOKE_OVERRIDES, "epochs=1", f"output_dir={tmp_path / 'run'}"],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "hello from rank 0" in result.stdout and "hello from rank 1" in result.stdout
+    assert result.stdout.count("epoch 1/1 |") == 1, result.stdout  # the run's own output: rank 0 alone
 
 
 def test_ddp_project_runs_its_own_tests_with_identical_weights_on_both_ranks(render_project):
