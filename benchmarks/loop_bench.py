@@ -36,6 +36,7 @@ from harness import (
     EpochTimes,
     NullTerminal,
     RenderedProject,
+    count_host_reads,
     question_or_none,
     render_project,
     summarise,
@@ -307,6 +308,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     paired = f"{statistics.median(pairs[name]):6.3f}" if pairs[name] else f"{'':6s}"
                     columns.append(f"{summarise(rates[name]):>26s} {paired_ratio(rates, name):6.3f} {paired}")
                 print(f"  {name:38s} {'   '.join(columns)}")
+            reads, read_steps = count_host_reads(baseline, overrides(False))
+            print(
+                f"  host reads per step in the rendered train_one_epoch (item/tolist/bool/float/int/cpu from the "
+                f"project's code, an untimed run): {reads / read_steps:.3f} ({reads} in {read_steps} steps)"
+            )
             print("  rendered fit() outside the timed loop (setup, validation, checkpoints, loggers), per epoch:")
             for name, values in outside_ms.items():
                 if values:
@@ -318,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "paired_wall_ratios": paired_wall,
                 "paired_cpu_ratios": paired_cpu,
                 "outside_loop_ms_per_epoch": outside_ms,
+                "host_reads": {"reads": reads, "steps": read_steps, "epochs": 1 + args.epochs},
             }
 
     if args.json:
