@@ -33,6 +33,16 @@ def spy(model, *args, **kwargs):
 
 
 train.build_optimizer = spy
+calibrate_batchnorm = getattr(train, "calibrate_batchnorm", None)
+
+
+def calibrate_then_capture(model, *args):
+    calibrate_batchnorm(model, *args)  # frozen BatchNorm starts from the data's statistics: capture after
+    captured["initial"] = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+if calibrate_batchnorm is not None:
+    train.calibrate_batchnorm = calibrate_then_capture
 """
 
 
