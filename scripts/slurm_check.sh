@@ -95,18 +95,19 @@ project = render(snapshot_template(Path(sys.argv[1]).parent / "template"), Path(
 wire_preempted_exit(project)
 EOF
 
-# Epochs of about 40 s on two cores, so that the warning lands mid-epoch. SLURM's time limits
-# count in minutes and it may signal up to a minute early: 3 minutes with a 60 s lead makes each
-# run train for one to two minutes, and the 4 epochs take two or three runs.
+# Epochs of 20 to 40 s on two cores, so that the warning lands mid-epoch. SLURM's time limits count
+# in minutes and it may signal up to a minute early: 3 minutes with a 60 s lead makes each run train
+# for one to two minutes, and the 8 epochs (over two minutes even on idle cores) take two to four.
+epochs=8
 overrides=(data.dataset=synthetic data.synthetic_size=32768 data.batch_size=8 log.progress_bar=false
-    epochs=4 "output_dir=$work/run")
+    "epochs=$epochs" "output_dir=$work/run")
 cd "$project"
 job=$(PATH="$(dirname "$python"):$PATH" PYTHONPATH="$project/src" OMP_NUM_THREADS=1 \
     sbatch --parsable --time=3 --signal=B:USR1@60 scripts/slurm.sbatch "${overrides[@]}")
 echo "submitted job $job (time limit 3 min, USR1 60 s before it)"
 
 state=""
-deadline=$((SECONDS + ${CHECK_TIMEOUT:-1200}))
+deadline=$((SECONDS + ${CHECK_TIMEOUT:-1500}))
 while ((SECONDS < deadline)); do
     info=$(scontrol show job "$job")
     now=$(grep -o 'JobState=[A-Z_]*' <<<"$info" | cut -d= -f2)
@@ -133,11 +134,11 @@ mapfile -t resumed < <(sed -nE 's/^resumed from .*: epoch [0-9]+, step ([0-9]+)$
 ((${#saved[@]} == restarts)) || fail "$restarts requeues but ${#saved[@]} saves at the warning"
 [[ "${saved[*]}" == "${resumed[*]}" ]] || fail "saved at steps ${saved[*]} but resumed at ${resumed[*]}"
 steps=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["global_step"])' "$work/run/summary.json")
-steps_per_epoch=$((steps / 4))
+steps_per_epoch=$((steps / epochs))
 for step in "${saved[@]}"; do
     ((step % steps_per_epoch != 0)) || fail "step $step is an epoch boundary, not mid-epoch"
 done
-(($(grep -c '^epoch 1/4 |' "$log") == 1)) && grep -q '^epoch 4/4 |' "$log" || fail "the log lost a run's lines"
+(($(grep -c "^epoch 1/$epochs |" "$log") == 1)) && grep -q "^epoch $epochs/$epochs |" "$log" || fail "the log lost a run's lines"
 ! grep -q Traceback "$log" || fail "a traceback in $log"
 # SLURM 22.05 records a requeued run as PENDING (REQUEUED in later versions), never as FAILED.
 (($(grep -cE 'JobState=(PENDING|REQUEUED) ' "$work/log/jobcomp.log") == restarts)) || fail "a run not recorded as requeued"
