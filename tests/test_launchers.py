@@ -37,17 +37,17 @@ def wire_preempted_exit(project: Path) -> None:
     edits = [
         ("from .preemption import StopRequest", "from .preemption import PREEMPTED_EXIT_CODE, StopRequest"),
         ("        fit(cfg)\n", "        result = fit(cfg)\n"),
-        ('        sys.exit(f"error: {err}")\n', '        sys.exit(f"error: {err}")\n    if "stopped_by" in result:\n'),
+        (
+            '        sys.exit(f"error: {err}")\n',
+            '        sys.exit(f"error: {err}")\n'
+            '    if "stopped_by" in result:\n'
+            "        sys.exit(PREEMPTED_EXIT_CODE)\n",
+        ),
     ]
     for old, new in edits:
         assert text.count(old) == 1, f"train.py changed: cannot find {old!r}"
         text = text.replace(old, new)
-    train.write_text(
-        text.replace(
-            '    if "stopped_by" in result:\n',
-            '    if "stopped_by" in result:\n        sys.exit(PREEMPTED_EXIT_CODE)\n',
-        )
-    )
+    train.write_text(text)
 
 
 @pytest.fixture(scope="module")
