@@ -192,7 +192,7 @@ def run_sbatch(project: Path, tmp_path: Path, srun_body: str, send_usr1: bool = 
 
 def test_sbatch_time_limit_warning_stops_the_step_with_sigterm_and_requeues(cpu_project, tmp_path):
     # The step's workers answer SIGTERM by saving and exiting with 75 (preempted).
-    step = f"sleep 60 & echo $! > {tmp_path}/step.pid; wait $! || exit 75"
+    step = f"sleep 60 & echo $! > {tmp_path}/pid; mv {tmp_path}/pid {tmp_path}/step.pid; wait $! || exit 75"
     status, calls = run_sbatch(cpu_project, tmp_path, step, send_usr1=True)
     assert "srun NPROC=2 RDZV_HOST=node0 scripts/train_multi_node.sh epochs=3" in calls
     assert "scancel --signal=TERM 812.0" in calls  # a real SIGTERM to the step, not to srun
