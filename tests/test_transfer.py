@@ -207,10 +207,11 @@ PARTIAL_CHECKPOINT = """
 import json, sys
 import torch
 from my_project.config import ModelConfig
+from my_project.data import DIGITS_INFO
 from my_project.model import build_model
 
 torch.manual_seed(1)
-source = build_model(ModelConfig()).state_dict()
+source = build_model(ModelConfig(), DIGITS_INFO).state_dict()
 del source["block3.0.1.running_var"]  # missing from the file
 source["head.1.weight"] = torch.randn(5, 64)  # a head trained for 5 classes: shape mismatch
 source["head.1.bias"] = torch.randn(5)
@@ -242,13 +243,14 @@ def test_partial_load_reports_loaded_missing_unexpected_and_skipped_keys(pretrai
 import json
 import torch
 from my_project.config import ModelConfig
+from my_project.data import DIGITS_INFO
 from my_project.model import build_model
 from my_project.pretrained import load_pretrained
 
 results = []
 for path in {[str(checkpoint), str(bare)]!r}:
     torch.manual_seed(2)
-    model = build_model(ModelConfig())
+    model = build_model(ModelConfig(), DIGITS_INFO)
     before = {{key: value.clone() for key, value in model.state_dict().items()}}
     report = load_pretrained(model, path, ["block1.*"])
     file = {{key.removeprefix("module."): value for key, value in torch.load(
@@ -328,10 +330,11 @@ import json
 import torch
 from torch import nn
 from my_project.config import load_config
+from my_project.data import DIGITS_INFO
 from my_project.model import build_model
 
 torch.manual_seed(0)
-model = build_model(load_config(None, OVERRIDES).model)
+model = build_model(load_config(None, OVERRIDES).model, DIGITS_INFO)
 layers = []
 for name, module in model.named_modules():
     if isinstance(module, (nn.Conv2d, nn.Linear)):
