@@ -118,7 +118,7 @@ def test_first_n_freezes_the_first_child_modules(render_project, tmp_path):
     code = (
         SPY
         + f"""
-train.fit(load_config(None, {[*QUICK, "epochs=1", "freeze.first_n=3", f"output_dir={tmp_path}"]!r}))
+train.fit(load_config(None, {[*QUICK, "epochs=1", "freeze.first_n=3", f"output_dir={tmp_path / 'run'}"]!r}))
 model = captured["model"]
 print(json.dumps({{name: p.requires_grad for name, p in model.named_parameters()}}))
 """
@@ -130,12 +130,12 @@ print(json.dumps({{name: p.requires_grad for name, p in model.named_parameters()
 
 def test_freezing_everything_or_a_pattern_matching_nothing_is_a_config_error(render_project, tmp_path):
     patterns = render_project(freezing="patterns")
-    result = run_module(patterns, "train", *QUICK, "freeze.patterns=[blok1.*]", f"output_dir={tmp_path}")
+    result = run_module(patterns, "train", *QUICK, "freeze.patterns=[blok1.*]", f"output_dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert "freeze.patterns: 'blok1.*' matches no parameter" in result.stderr
     assert "block1, block2, block3, head" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_module(patterns, "train", *QUICK, "freeze.patterns=['*']", f"output_dir={tmp_path}")
+    result = run_module(patterns, "train", *QUICK, "freeze.patterns=['*']", f"output_dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert "no trainable parameter" in result.stderr
 
@@ -180,7 +180,7 @@ late = run(3, f"{{out}}/split_late", resume=True)  # resumes after it, with the 
 print(json.dumps({{
     "group_sizes": [[len(g["params"]) for g in state["optimizer"]["param_groups"]] for state in (one, two)],
     "group_lrs": [g["lr"] for g in straight["optimizer"]["param_groups"]],
-    "unfrozen": [one["unfrozen"], two["unfrozen"]],
+    "unfrozen": [one["progress"]["unfrozen"], two["progress"]["unfrozen"]],
     "frozen_after_epoch_1": all(torch.equal(one["model"][n], initial[n]) for n in frozen_names),
     "moved_after_epoch_2": [n for n in frozen_names if not torch.equal(two["model"][n], one["model"][n])],
     "early_exact": same(straight["model"], early["model"]) and same(straight["optimizer"], early["optimizer"]),
@@ -298,7 +298,7 @@ def test_a_file_that_is_not_a_checkpoint_exits_with_one_clear_error(pretrained_p
         (not_tensors, f"error: pretrained.path {not_tensors} holds no state dict"),
         (tmp_path / "absent.pt", f"error: pretrained.path {tmp_path / 'absent.pt'} does not exist"),
     ]:
-        result = run_module(project, "train", *QUICK, f"pretrained.path={path}", f"output_dir={tmp_path}")
+        result = run_module(project, "train", *QUICK, f"pretrained.path={path}", f"output_dir={tmp_path / 'run'}")
         assert result.returncode != 0
         lines = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]  # CPU fallback
         assert len(lines) == 1 and lines[0].startswith(message), result.stderr
