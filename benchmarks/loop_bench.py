@@ -110,8 +110,8 @@ def raw_loop(project: RenderedProject, overrides: list[str]) -> EpochTimes:
     """The hand-written loop on the rendered project's model, optimiser and data, on its own."""
     cfg = project.config.load_config(None, overrides)
     torch.manual_seed(cfg.seed)
-    train_loader, _ = project.data.build_loaders(cfg.data, cfg.seed)
-    model = project.model.build_model(cfg.model)
+    train_loader, _, info = project.data.build_loaders(cfg.data, cfg.seed)
+    model = project.model.build_model(cfg.model, info)
     optimizer = project.optim.build_optimizer(model, cfg.optim)
     times = EpochTimes()
     for epoch in range(cfg.epochs):
@@ -148,7 +148,7 @@ def lightning_loop(project: RenderedProject, overrides: list[str], defaults: boo
     class Classifier(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = project.model.build_model(cfg.model)
+            self.model = project.model.build_model(cfg.model, info)
 
         def training_step(self, batch, batch_idx):
             inputs, targets = batch
@@ -168,7 +168,7 @@ def lightning_loop(project: RenderedProject, overrides: list[str], defaults: boo
             self.timing.__exit__(None, None, None)
 
     torch.manual_seed(cfg.seed)
-    train_loader, _ = project.data.build_loaders(cfg.data, cfg.seed)
+    train_loader, _, info = project.data.build_loaders(cfg.data, cfg.seed)
     module = Classifier()
     options: dict[str, Any] = {"default_root_dir": str(workdir)}
     if not defaults:

@@ -159,6 +159,7 @@ OWN_TEST_ANSWERS = {
         "loggers": ["csv", "tensorboard", "wandb", "mlflow"],
         "weight_init": "kaiming",
         "model_summary": True,
+        "dataset": "imagefolder",
     },
     "dataparallel-onecycle-accumulation": {
         "device": "cuda",

@@ -134,7 +134,7 @@ def test_mid_epoch_resume_loads_no_skipped_sample_again(default_project, tmp_pat
     """The resumed run starts at the next batch of the same order: it does not decode the skipped ones."""
     counting = """
     data = importlib.import_module(pkg + ".data")
-    build_dataset, loaded = data.build_dataset, []
+    build_splits, loaded = data.build_splits, []
 
     class Counting(torch.utils.data.Dataset):
         def __init__(self, inner):
@@ -145,11 +145,15 @@ def test_mid_epoch_resume_loads_no_skipped_sample_again(default_project, tmp_pat
             loaded.append(index)
             return self.inner[index]
 
-    data.build_dataset = lambda *args: Counting(build_dataset(*args))
+    def counting_splits(*args):
+        splits = build_splits(*args)
+        return dataclasses.replace(splits, train=Counting(splits.train), val=Counting(splits.val))
+
+    data.build_splits = counting_splits
     record = sys.argv.pop()  # the last argument names the file that receives the loaded indices
     atexit.register(lambda: Path(record).write_text(json.dumps(loaded)))
     """
-    prelude = "import atexit, json, sys, torch\nfrom pathlib import Path\n" + textwrap.dedent(counting)
+    prelude = "import atexit, dataclasses, json, sys, torch\nfrom pathlib import Path\n" + textwrap.dedent(counting)
     # The first session is stopped by a signal during epoch 1's validation: it saves one step into epoch 2.
     common = (*QUICK, "log.every_n_steps=1", f"output_dir={tmp_path / 'run'}")
     first_session = prelude + INTERRUPTED_RUN.replace("len(calls) == 2", "len(calls) == 1")
