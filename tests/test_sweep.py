@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from rendering import PREEMPTED_EXIT_CODE, check, render, run_module, run_package_code
+from optuna.trial import TrialState
+from rendering import PREEMPTED_EXIT_CODE, check, project_answers, project_env, render, run_module, run_package_code
 
 QUICK = ("data.dataset=synthetic", "data.synthetic_size=256", "data.batch_size=32", "log.progress_bar=false")
 SPACE = ("optim.lr=1e-4:1e-1", "model.width=8:32", "model.arch=cnn,mlp", "epochs=2")
@@ -103,6 +107,7 @@ def test_an_interrupted_sweep_reruns_the_stopped_trial_and_resumes_to_the_asked_
 
     resumed = check(sweep(sweep_project, sweep_dir, 4, *QUICK, *SPACE), "resumed sweep", sweep_project)
     assert "1 of 4 trials finished" in resumed.stdout
+    assert "trial  state     val_accuracy" in resumed.stdout  # the results table
     study = load_study(sweep_dir)
     assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
     failed, rerun = study.trials[1], study.trials[2]
@@ -130,6 +135,29 @@ def test_a_killed_trial_is_failed_by_its_silent_heartbeat_and_run_again(sweep_pr
     study = load_study(sweep_dir)
     assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert study.trials[2].params == study.trials[1].params
+
+
+def test_two_processes_share_one_study_and_take_turns_at_its_trials(sweep_project, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    package = project_answers(sweep_project)["package_name"]
+    command = [sys.executable, "-m", f"{package}.sweep", "--trials", "6", "--dir", str(sweep_dir), *QUICK, *SPACE]
+    workers = [
+        subprocess.Popen(command, cwd=sweep_project, env=project_env(sweep_project), stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+
+    study = load_study(sweep_dir)
+    finished = [trial for trial in study.trials if trial.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) >= 6 and len(finished) == len(study.trials)  # each stops once the study holds 6
+    # Each trial ran in exactly one of the processes (how many each took depends on their start-up times).
+    pattern = re.compile(r"^trial (\d+): (?:val_accuracy|pruned)", re.MULTILINE)
+    ran = [set(map(int, pattern.findall(output))) for output in outputs]
+    assert not ran[0] & ran[1] and ran[0] | ran[1] == {trial.number for trial in finished}
+    for trial in finished:
+        assert (sweep_dir / f"trial-{trial.number:04d}" / "summary.json").exists()
+    assert (sweep_dir / "sweep.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_pruned_trial_ends_its_run_cleanly_and_keeps_what_it_wrote(sweep_project, tmp_path):
