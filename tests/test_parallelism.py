@@ -145,3 +145,15 @@ def test_gpu_check_script_skips_cleanly_without_a_gpu():
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "no GPU, skipped" in result.stdout
+
+
+def test_two_ddp_ranks_learn_as_well_as_one_process(render_project, tmp_path):
+    """The global batch is split over the ranks: the same steps at the same learning rate, the same accuracy."""
+    project = render_project(parallelism="ddp", device="cpu")
+    common = ("log.progress_bar=false", "epochs=8")
+    train(project, *common, f"output_dir={tmp_path / 'one'}")
+    torchrun(project, *common, f"output_dir={tmp_path / 'two'}")
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert one["global_step"] == two["global_step"]
+    assert two["best_metric"] >= 0.9
+    assert abs(one["best_metric"] - two["best_metric"]) <= 0.02, (one["best_metric"], two["best_metric"])
