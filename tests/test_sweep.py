@@ -180,10 +180,10 @@ def test_a_pruned_trial_ends_its_run_cleanly_and_keeps_what_it_wrote(sweep_proje
 BAD_ARGUMENTS = {
     "optim.lrr=1e-4:1e-1": "unknown config key 'optim.lrr'; valid keys here: lr, weight_decay, betas",
     "model.width=8.5:16": "model.width: expected int, got 8.5",
-    "model.arch=cnn,transformer": "model.arch: expected one of 'cnn', 'mlp', got 'transformer'",
+    "model.arch=cnn,transformer": "model.arch: unknown model 'transformer'; known: cnn, mlp",
     "model.dropout=0:0.5:log": "model.dropout=0:0.5:log: a log scale needs a low end above 0",
     "optim.lr=1e-1:1e-4": "optim.lr=1e-1:1e-4: the low end must be below the high end",
-    "data.dataset=1:2": "data.dataset: expected one of 'digits', 'synthetic', got 1",
+    "data.dataset=1:2": "data.dataset: '1' is not one of 'digits', 'synthetic'",
     "output_dir=runs/x": "output_dir is set by the sweep: each trial starts afresh in its own folder under --dir",
     "epochs=3": "nothing to search: give at least one key=low:high or key=a,b,c",
 }
