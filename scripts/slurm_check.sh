@@ -136,7 +136,8 @@ from pathlib import Path
 from rendering import render, snapshot_template
 from test_launchers import wire_preempted_exit
 
-project = render(snapshot_template(Path(sys.argv[1]).parent / "template"), Path(sys.argv[1]), {"parallelism": "ddp", "device": "cpu"})
+project = Path(sys.argv[1])
+render(snapshot_template(project.parent / "template"), project, {"parallelism": "ddp", "device": "cpu"})
 wire_preempted_exit(project)
 EOF
 
@@ -188,7 +189,8 @@ steps_per_epoch=$((steps / epochs))
 for step in "${saved[@]}"; do
     ((step % steps_per_epoch != 0)) || fail "step $step is an epoch boundary, not mid-epoch"
 done
-(($(grep -c "^epoch 1/$epochs |" "$log") == 1)) && grep -q "^epoch $epochs/$epochs |" "$log" || fail "the log lost a run's lines"
+(($(grep -c "^epoch 1/$epochs |" "$log") == 1)) && grep -q "^epoch $epochs/$epochs |" "$log" ||
+    fail "the log lost a run's lines"
 ! grep -q Traceback "$log" || fail "a traceback in $log"
 # Each requeued run: the job REQUEUED, its batch step COMPLETED, its training step exit code 75
 # (preempted; SLURM calls every non-zero step FAILED); the last run COMPLETED 0:0 throughout.
@@ -196,4 +198,5 @@ requeued="$job|REQUEUED|0:0 $job.batch|COMPLETED|0:0 $job.0|FAILED|75:0"
 expected="$(for _ in $(seq "$restarts"); do echo "$requeued"; done) $job|COMPLETED|0:0"
 expected="$expected $job.batch|COMPLETED|0:0 $job.0|COMPLETED|0:0"
 [[ "$(xargs <<<"$runs")" == "$(xargs <<<"$expected")" ]] || fail "accounting recorded: $(xargs <<<"$runs")"
-echo "PASS: saved at steps ${saved[*]} (of $steps, $steps_per_epoch per epoch), requeued $restarts time(s), resumed at ${resumed[*]}, COMPLETED 0:0"
+echo "PASS: saved at steps ${saved[*]} (of $steps, $steps_per_epoch per epoch), requeued $restarts time(s),"
+echo "      resumed at steps ${resumed[*]}, COMPLETED 0:0"

@@ -23,12 +23,15 @@ def default_project(template_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def render_project(template_dir, tmp_path):
-    """Render a project with the given answers (defaults for the rest) into a fresh directory."""
-    counter = iter(range(1_000))
+def render_project(template_dir, tmp_path_factory):
+    """Render a project with the given answers (defaults for the rest) into a fresh directory.
+
+    Not inside the test's ``tmp_path``: tests train with ``output_dir=tmp_path``, which must not hold
+    anything else (train refuses to write a run over another run's directory).
+    """
 
     def _render(**answers) -> Path:
-        return render(template_dir, tmp_path / f"project-{next(counter)}", answers)
+        return render(template_dir, tmp_path_factory.mktemp("project") / "project", answers)
 
     return _render
 
