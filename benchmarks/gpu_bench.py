@@ -73,9 +73,9 @@ def measure(project: RenderedProject, overrides: list[str], synchronize: Callabl
     loaders: list[TimedLoader] = []
 
     def timed_build_loaders(*args, **kwargs):
-        train_loader, val_loader = build_loaders(*args, **kwargs)
+        train_loader, val_loader, info = build_loaders(*args, **kwargs)
         loaders.append(TimedLoader(train_loader))
-        return loaders[-1], val_loader
+        return loaders[-1], val_loader, info
 
     original = train.train_one_epoch
 

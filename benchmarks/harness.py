@@ -138,3 +138,52 @@ def summarise(values: list[float]) -> str:
     """Median and the spread of the repeats around it, e.g. ``812.4 (-3.1%/+2.0%)``."""
     mid = statistics.median(values)
     return f"{mid:8.1f} ({min(values) / mid - 1:+.1%}/{max(values) / mid - 1:+.1%})"
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu")
+
+
+def count_host_reads(project: RenderedProject, overrides: list[str]) -> tuple[int, int]:
+    """(host reads, optimiser steps) that the project's own code makes in ``train_one_epoch``.
+
+    A host read (``item``, ``tolist``, ``bool``/``float``/``int`` of a tensor, ``cpu``) waits for the
+    device on a GPU; the run is untimed, since counting wraps every such call.
+    """
+    import torch
+
+    train = project.train
+    source = str(Path(train.__file__).parent)
+    counts = {"reads": 0, "steps": 0}
+    counting = [False]
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(original: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            if counting[0] and sys._getframe(1).f_code.co_filename.startswith(source):
+                counts["reads"] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    original_epoch = train.train_one_epoch
+
+    def counted_epoch(state, *args, **kwargs):
+        before = state.progress.global_step
+        counting[0] = True
+        try:
+            return original_epoch(state, *args, **kwargs)
+        finally:
+            counting[0] = False
+            counts["steps"] += state.progress.global_step - before
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counted(original))
+    train.train_one_epoch = counted_epoch
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            train.fit(project.config.load_config(None, overrides))
+    finally:
+        train.train_one_epoch = original_epoch
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return counts["reads"], counts["steps"]

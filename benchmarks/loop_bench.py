@@ -36,6 +36,7 @@ from harness import (
     EpochTimes,
     NullTerminal,
     RenderedProject,
+    count_host_reads,
     question_or_none,
     render_project,
     summarise,
@@ -109,8 +110,8 @@ def raw_loop(project: RenderedProject, overrides: list[str]) -> EpochTimes:
     """The hand-written loop on the rendered project's model, optimiser and data, on its own."""
     cfg = project.config.load_config(None, overrides)
     torch.manual_seed(cfg.seed)
-    train_loader, _ = project.data.build_loaders(cfg.data, cfg.seed)
-    model = project.model.build_model(cfg.model)
+    train_loader, _, info = project.data.build_loaders(cfg.data, cfg.seed)
+    model = project.model.build_model(cfg.model, info)
     optimizer = project.optim.build_optimizer(model, cfg.optim)
     times = EpochTimes()
     for epoch in range(cfg.epochs):
@@ -147,7 +148,7 @@ def lightning_loop(project: RenderedProject, overrides: list[str], defaults: boo
     class Classifier(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = project.model.build_model(cfg.model)
+            self.model = project.model.build_model(cfg.model, info)
 
         def training_step(self, batch, batch_idx):
             inputs, targets = batch
@@ -167,7 +168,7 @@ def lightning_loop(project: RenderedProject, overrides: list[str], defaults: boo
             self.timing.__exit__(None, None, None)
 
     torch.manual_seed(cfg.seed)
-    train_loader, _ = project.data.build_loaders(cfg.data, cfg.seed)
+    train_loader, _, info = project.data.build_loaders(cfg.data, cfg.seed)
     module = Classifier()
     options: dict[str, Any] = {"default_root_dir": str(workdir)}
     if not defaults:
@@ -307,6 +308,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     paired = f"{statistics.median(pairs[name]):6.3f}" if pairs[name] else f"{'':6s}"
                     columns.append(f"{summarise(rates[name]):>26s} {paired_ratio(rates, name):6.3f} {paired}")
                 print(f"  {name:38s} {'   '.join(columns)}")
+            reads, read_steps = count_host_reads(baseline, overrides(False))
+            print(
+                f"  host reads per step in the rendered train_one_epoch (item/tolist/bool/float/int/cpu from the "
+                f"project's code, an untimed run): {reads / read_steps:.3f} ({reads} in {read_steps} steps)"
+            )
             print("  rendered fit() outside the timed loop (setup, validation, checkpoints, loggers), per epoch:")
             for name, values in outside_ms.items():
                 if values:
@@ -318,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "paired_wall_ratios": paired_wall,
                 "paired_cpu_ratios": paired_cpu,
                 "outside_loop_ms_per_epoch": outside_ms,
+                "host_reads": {"reads": reads, "steps": read_steps, "epochs": 1 + args.epochs},
             }
 
     if args.json:

@@ -23,28 +23,39 @@ def default_project(template_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def render_project(template_dir, tmp_path):
-    """Render a project with the given answers (defaults for the rest) into a fresh directory."""
-    counter = iter(range(1_000))
+def render_project(template_dir, tmp_path_factory):
+    """Render a project with the given answers (defaults for the rest) into a fresh directory.
+
+    Not inside the test's ``tmp_path``: tests train with ``output_dir=tmp_path``, which must not hold
+    anything else (train refuses to write a run over another run's directory).
+    """
 
     def _render(**answers) -> Path:
-        return render(template_dir, tmp_path / f"project-{next(counter)}", answers)
+        return render(template_dir, tmp_path_factory.mktemp("project") / "project", answers)
 
     return _render
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "exhaustive: the exhaustive combination matrix (run with: pytest -m exhaustive)")
+    config.addinivalue_line("markers", "slurm: a real one-host SLURM cluster, needs root (run with: pytest -m slurm)")
+
+
+ASKED_FOR_BY_MARKER = {
+    "exhaustive": "exhaustive matrix tier: run with pytest -m exhaustive",
+    "slurm": "starts SLURM daemons: run with pytest -m slurm",
+}
 
 
 def pytest_collection_modifyitems(config, items):
-    """The exhaustive tier runs only when asked for by marker: ``pytest -m exhaustive``."""
-    if "exhaustive" in (config.option.markexpr or ""):
-        return
-    skip = pytest.mark.skip(reason="exhaustive matrix tier: run with pytest -m exhaustive")
-    for item in items:
-        if "exhaustive" in item.keywords:
-            item.add_marker(skip)
+    """The exhaustive tier and the SLURM check run only when asked for by marker: ``pytest -m slurm``."""
+    for marker, reason in ASKED_FOR_BY_MARKER.items():
+        if marker in (config.option.markexpr or ""):
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -40,11 +40,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from imagedata import write_image_folder  # noqa: E402
 from questionnaire import choice_questions, combinations, design_axes, pairwise  # noqa: E402
 from rendering import SMOKE_OVERRIDES, render, snapshot_template  # noqa: E402
 
-# Smoke run: one epoch on 160 synthetic samples (128 for training) in batches of 16 with a narrow model:
-# 8 optimiser steps, 4 on each of two DDP ranks.
+# Exhaustive tier, a smoke run: one epoch on 160 synthetic samples (128 for training) in global batches
+# of 16 with a narrow model: 8 optimiser steps, on one process or two DDP ranks alike.
 MATRIX_OVERRIDES = (
     *SMOKE_OVERRIDES,
     "data.synthetic_size=160",
@@ -52,6 +53,15 @@ MATRIX_OVERRIDES = (
     "model.width=8",
     "epochs=1",
 )
+# Pairwise tier, a learning run: the digits with each combination's own default config, shortened to
+# LEARNING_EPOCHS (the schedules span them); every combination must reach LEARNED validation accuracy.
+LEARNING_EPOCHS = 8
+LEARNING_OVERRIDES = ("log.progress_bar=false", f"epochs={LEARNING_EPOCHS}")
+LEARNED = 0.90
+# A CPU has no fast float16 kernels: fp16 autocast trains ~15x slower there. amp is a run-time switch
+# (an fp16 render's code is a bf16 render's), so fp16 combinations learn under bf16 here; the fp16
+# path itself (GradScaler, skipped steps, clipping) is proven in test_optimisation.
+CPU_AMP = {"fp16": "amp.dtype=bf16"}
 BATCH_SIZE = 24  # combinations per worker task: one ruff call per batch
 # A worker is replaced after this many batches. Each combination leaves a little memory behind (its
 # imported package's objects that torch and the loggers keep referring to); over the exhaustive tier a
@@ -85,10 +95,14 @@ def tier_overrides(tier: str, worker_dir: Path) -> tuple[str, ...]:
     to one SQLite store per worker instead of a fresh store per run (creating the tables costs ~2s a
     run). The logging tests prove each backend's real files; the pairwise tier keeps both at defaults.
     """
-    both = ("optim.accumulation_steps=2", "compile_backend=eager")
     if tier != "exhaustive":
-        return both
-    return (*both, "log.wandb_mode=disabled", f"log.mlflow_tracking_uri=sqlite:///{worker_dir / 'mlflow.db'}")
+        return ("compile_backend=eager",)
+    return (
+        "optim.accumulation_steps=2",
+        "compile_backend=eager",
+        "log.wandb_mode=disabled",
+        f"log.mlflow_tracking_uri=sqlite:///{worker_dir / 'mlflow.db'}",
+    )
 
 
 @dataclass
@@ -103,7 +117,18 @@ class Outcome:
 # --- worker side -----------------------------------------------------------------------------------
 
 _TEMPLATE: Path | None = None
+_TIER = "pairwise"
 _OPTIONAL_OVERRIDES: tuple[str, ...] = ()
+_IMAGE_ROOT: Path | None = None
+
+
+def dataset_overrides(answers: dict[str, Any]) -> tuple[str, ...]:
+    """imagefolder combinations train on the worker's tiny generated folder (90 8x8 pictures: 2 steps of 2
+    accumulated batches of 16), loaded in-process: a pool's daemon workers may not start loader processes.
+    """
+    if answers.get("dataset") != "imagefolder":
+        return ()
+    return ("data.dataset=imagefolder", f"data.root={_IMAGE_ROOT}", "data.image_size=8", "data.num_workers=0")
 
 
 def _reuse_copier_work() -> None:
@@ -162,15 +187,21 @@ def _reuse_copier_work() -> None:
         return compiled[key]
 
     jinja2.Environment.compile = compile_once
-    copier._main.Worker._sync_git_index_executable_bit = lambda self, dst_relpath, src_mode: None
-    copier._template.get_repo = functools.cache(copier._template.get_repo)
+    # Copier internals, patched where this Copier has them (tests/test_copier_versions.py proves that the
+    # renders still equal stock Copier's).
+    if hasattr(copier._main.Worker, "_sync_git_index_executable_bit"):
+        copier._main.Worker._sync_git_index_executable_bit = lambda self, dst_relpath, src_mode: None
+    if hasattr(copier._template, "get_repo"):
+        copier._template.get_repo = functools.cache(copier._template.get_repo)
 
 
 def _init_worker(template: str, tier: str, scratch: str) -> None:
-    global _TEMPLATE, _OPTIONAL_OVERRIDES
+    global _TEMPLATE, _TIER, _OPTIONAL_OVERRIDES, _IMAGE_ROOT
     _TEMPLATE = Path(template)
+    _TIER = tier
     worker_dir = Path(scratch) / f"worker-{os.getpid()}"
     worker_dir.mkdir(exist_ok=True)
+    _IMAGE_ROOT = write_image_folder(worker_dir / "images", per_class=30, size=8)
     _OPTIONAL_OVERRIDES = tier_overrides(tier, worker_dir)
     os.environ.update(WORKER_ENV)
     _reuse_copier_work()
@@ -181,6 +212,23 @@ def _init_worker(template: str, tier: str, scratch: str) -> None:
     # The first optimiser of a process imports torch._dynamo (seconds): pay it once here, not in every
     # forked DDP rank.
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+
+def _init_render_worker(template: str) -> None:
+    global _TEMPLATE
+    _TEMPLATE = Path(template)
+    _reuse_copier_work()
+
+
+def _render_job(job: tuple[dict[str, Any], str]) -> None:
+    render(_TEMPLATE, Path(job[1]), job[0])
+
+
+def render_as_the_matrix_does(template: Path, jobs: list[tuple[dict[str, Any], Path]]) -> None:
+    """Render each (answers, destination) as the matrix workers do, Copier's speed-ups patched in; no training."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1, initializer=_init_render_worker, initargs=(str(template),)) as pool:
+        pool.map(_render_job, [(answers, str(dst)) for answers, dst in jobs])
 
 
 def _purge(package: str) -> None:
@@ -314,12 +362,19 @@ def _check_outputs(model_module: Any, cfg: Any) -> dict[str, Any]:
         raise AssertionError(f"training loss is not finite: {summary['final_train_loss']}")
     if summary["global_step"] < 2:
         raise AssertionError(f"only {summary['global_step']} optimiser steps")
+    if _TIER == "pairwise" and cfg.data.dataset == "digits" and summary["best_metric"] < LEARNED:
+        raise AssertionError(
+            f"best {summary['best_metric_name']} {summary['best_metric']:.3f} < {LEARNED} "
+            f"after {LEARNING_EPOCHS} epochs on the digits"
+        )
     last = out / "checkpoints" / "last.pt"
     if last.is_file():
-        model_state = torch.load(last, weights_only=True)["model"]
-    else:  # FSDP: a checkpoint directory; its model.pt holds the full model
+        state = torch.load(last, weights_only=True)
+        model_state = state["model"]
+    else:  # FSDP: a checkpoint directory; state.pt holds the data description, model.pt the full model
+        state = torch.load(last.with_suffix("") / "state.pt", weights_only=True)
         model_state = torch.load(last.with_suffix("") / "model.pt", weights_only=True)
-    model_module.build_model(cfg.model).load_state_dict(model_state)
+    model_module.build_model(cfg.model, model_module.DataInfo.from_dict(state["data"])).load_state_dict(model_state)
     return summary
 
 
@@ -331,7 +386,13 @@ def run_one(answers: dict[str, Any], project: Path) -> Outcome:
         outcome.render_s = time.perf_counter() - started
         package = answers["package_name"]
         out = project / "runs" / "matrix"
-        overrides = (*MATRIX_OVERRIDES, f"output_dir={out}")
+        if answers.get("dataset") == "imagefolder":  # a tiny generated folder: a smoke run
+            overrides = (*MATRIX_OVERRIDES, *dataset_overrides(answers), f"output_dir={out}")
+        elif _TIER == "pairwise":
+            amp = filter(None, [CPU_AMP.get(answers.get("amp"))])
+            overrides = (*LEARNING_OVERRIDES, "data.dataset=digits", *amp, f"output_dir={out}")
+        else:
+            overrides = (*MATRIX_OVERRIDES, f"output_dir={out}")
         started = time.perf_counter()
         ddp = answers.get("parallelism") in ("ddp", "fsdp")  # two forked ranks
         if ddp:

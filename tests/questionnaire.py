@@ -7,6 +7,7 @@ is tested with no second list to keep in sync.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -18,7 +19,22 @@ import yaml
 
 TEMPLATE_ROOT = Path(__file__).resolve().parents[1]
 COPIER_YML = TEMPLATE_ROOT / "copier.yml"
-FALSE_STRINGS = {"", "false", "no", "n", "off", "0", "none", "null"}
+
+
+def copier_bool(value: Any) -> bool:
+    """A rendered ``when`` (or bool default) read as Copier's ``cast_to_bool`` reads it.
+
+    tests/test_copier_versions.py checks the outcome against the answers stock Copier records.
+    """
+    try:
+        return bool(float(value))
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in {"", "n", "no", "f", "false", "off", "~", "null", "none"}:
+            return False
+    return bool(value)
 
 
 @cache
@@ -69,16 +85,42 @@ class Question:
         return []
 
     def is_asked(self, answers: dict[str, Any]) -> bool:
-        when = render_value(self.when, answers)
-        if isinstance(when, str):
-            return when.strip().lower() not in FALSE_STRINGS
-        return bool(when)
+        return copier_bool(render_value(self.when, answers))
 
     def default_for(self, answers: dict[str, Any]) -> Any:
         value = render_value(self.default, answers)
-        if self.type == "bool" and isinstance(value, str):
-            return value.strip().lower() not in FALSE_STRINGS
+        if self.type == "bool":
+            return copier_bool(value)
         return value
+
+
+def depends_on(q: Question) -> list[str]:
+    """The questions whose answers ``q``'s ``when`` reads, in questionnaire order."""
+    if not isinstance(q.when, str):
+        return []
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", q.when))
+    return [other.name for other in questions() if other.name in words and other.name != q.name]
+
+
+# A valid answer, other than the default, to each conditional free-text question: copier.yml lists no
+# options for them, and the tests that pass answers to skipped questions need one.
+SAMPLE_ANSWERS = {"gpu_ids": "1,3"}
+
+
+def other_answers(name: str, answers: dict[str, Any]) -> list[Any]:
+    """Every answer to ``name`` but its default under ``answers`` (a sample one for free text)."""
+    q = question(name)
+    if not q.options():
+        assert name in SAMPLE_ANSWERS, f"add a valid sample answer for {name} to SAMPLE_ANSWERS"
+        return [SAMPLE_ANSWERS[name]]
+    default = q.default_for(answers)
+    return [option for option in q.options() if option != default]
+
+
+def skipping_contexts(name: str) -> list[dict[str, Any]]:
+    """Every combination of the answers ``name``'s ``when`` reads under which ``name`` is not asked."""
+    q = question(name)
+    return [answers for answers in combinations(depends_on(q)) if not q.is_asked(answers)]
 
 
 @cache

@@ -14,7 +14,7 @@ import copier
 import yaml
 from questionnaire import TEMPLATE_ROOT
 
-TEMPLATE_PARTS = ("copier.yml", "template", "hooks")
+TEMPLATE_PARTS = ("copier.yml", "validators.jinja", "template", "hooks")
 PREEMPTED_EXIT_CODE = 75  # a run stopped by SIGTERM/SIGUSR1 saved and exits with this (preemption.py)
 
 
@@ -38,6 +38,21 @@ def render(template: Path, dst: Path, answers: dict[str, Any] | None = None) -> 
     """Render ``template`` into ``dst`` with ``answers`` (defaults for the rest), as `copier copy` does."""
     copier.run_copy(str(template), str(dst), data=answers or {}, defaults=True, unsafe=True, quiet=True, overwrite=True)
     return dst
+
+
+def read_tree(root: Path) -> dict[str, tuple[bool, bytes]]:
+    """Every file under ``root`` by relative path: (executable, contents)."""
+    return {
+        path.relative_to(root).as_posix(): (bool(path.stat().st_mode & 0o111), path.read_bytes())
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def tree_differences(a: Path, b: Path) -> list[str]:
+    """Relative paths of the files that differ between two trees (in contents, executable bit or presence)."""
+    left, right = read_tree(a), read_tree(b)
+    return sorted(path for path in left.keys() | right.keys() if left.get(path) != right.get(path))
 
 
 def project_answers(project: Path) -> dict[str, Any]:

@@ -59,6 +59,8 @@ CASES = {
     "negative learning rate": (None, ["optim.lr=-0.001"], "optim.lr must be > 0.0"),
     "zero batch size": (None, ["data.batch_size=0"], "data.batch_size must be >= 1"),
     "missing resume checkpoint": (None, ["resume=nowhere/last.pt"], "checkpoint nowhere/last.pt does not exist"),
+    "negative seed": (None, ["seed=-1"], "seed must be >= 0, got -1"),
+    "Adam betas out of range": (None, ["optim.betas=[1.5, 2]"], "optim.betas[0] must be < 1.0, got 1.5"),
 }
 
 

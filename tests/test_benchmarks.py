@@ -25,6 +25,18 @@ def test_loop_benchmark_quick_mode_measures_every_contender(tmp_path):
         rates = figures[clock]
         assert {"raw loop", "rendered, bar off", "rendered, bar on"} <= {name.split(", loggers")[0] for name in rates}
         assert all(len(values) == 1 and values[0] > 0 for values in rates.values())
+    # The loss is read back once per log.every_n_steps (50) steps and at each epoch's end, never per step.
+    reads = figures["host_reads"]
+    assert 0 < reads["reads"] <= reads["steps"] // 50 + reads["epochs"]
+
+
+def test_loader_benchmark_quick_mode_times_both_loaders_for_each_worker_count():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "loader_bench.py"), "--quick"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("rendered", "plain"))]
+    assert len(rows) == 4 and all(float(row[-1]) > 0 and float(row[-2]) > 0 for row in rows)
 
 
 def test_gpu_benchmark_exits_cleanly_without_a_gpu():

@@ -76,3 +76,12 @@ def test_config_file_that_is_not_yaml_is_refused(default_project, tmp_path):
 def test_rendered_project_passes_its_own_tests(default_project):
     result = run_project_tests(default_project)
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_the_default_project_learns_the_digits_with_its_own_config(default_project, tmp_path):
+    """Exactly what a new user runs first: the rendered config, unchanged, on the digits."""
+    out = tmp_path / "run"
+    train(default_project, "log.progress_bar=false", f"output_dir={out}", timeout=600)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 20
+    assert summary["best_metric"] >= 0.98, summary

@@ -29,7 +29,7 @@ MODULES = {
     "mlflow": ["mlflow_logger.py"],
 }
 DEPENDENCIES = {
-    "csv": ["matplotlib"],
+    "csv": [],  # plot.py's matplotlib is in every render: evaluate draws its confusion matrix with it
     "tensorboard": ["tensorboard"],
     "wandb": ["wandb"],
     "mlflow": ["mlflow-skinny", "sqlalchemy", "alembic"],

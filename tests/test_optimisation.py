@@ -110,8 +110,8 @@ def _initial_and_final_weights(project, output_dir):
     train = importlib.import_module(pkg + ".train")
     cfg = importlib.import_module(pkg + ".config").load_config("configs/default.yaml", sys.argv[1:-1])
     train.seed_everything(cfg.seed, cfg.deterministic)
-    importlib.import_module(pkg + ".data").build_loaders(cfg.data, cfg.seed)
-    model = importlib.import_module(pkg + ".model").build_model(cfg.model)
+    _, _, info = importlib.import_module(pkg + ".data").build_loaders(cfg.data, cfg.seed)
+    model = importlib.import_module(pkg + ".model").build_model(cfg.model, info)
     torch.save(model.state_dict(), sys.argv[-1])
     """
     initial_path = output_dir / "initial.pt"
@@ -151,7 +151,8 @@ def test_accumulating_micro_batches_equals_one_large_batch(render_project, tmp_p
         torch.testing.assert_close(accumulated["model"][key], tensor, rtol=1e-5, atol=1e-6)
 
     # A short final group still steps: 176 samples -> 22 micro-batches -> 5 full groups and one of 2.
-    tail = train(project, *common, "data.synthetic_size=220", "data.batch_size=8", f"output_dir={tmp_path / 'tail'}")
+    tail_overrides = ("data.synthetic_size=220", "data.batch_size=8", "optim.accumulation_steps=4")
+    tail = train(project, *common, *tail_overrides, f"output_dir={tmp_path / 'tail'}")
     assert "epoch 1/1" in tail.stdout
     assert torch.load(tmp_path / "tail" / "checkpoints" / "last.pt", weights_only=True)["progress"]["global_step"] == 6
 

@@ -11,7 +11,8 @@ from rendering import render
     ("answers", "message"),
     [
         ({"package_name": "class"}, "is a Python keyword"),
-        ({"package_name": "torch"}, "would shadow a module"),
+        ({"package_name": "torch"}, "would shadow the module of that name"),
+        ({"package_name": "collections"}, "would shadow the module of that name"),
         ({"package_name": "1st_model"}, "must be a lowercase Python identifier"),
         ({"package_name": "My-Package"}, "must be a lowercase Python identifier"),
         ({"project_name": "My Project"}, "project_name must be lowercase"),

@@ -134,7 +134,7 @@ def test_mid_epoch_resume_loads_no_skipped_sample_again(default_project, tmp_pat
     """The resumed run starts at the next batch of the same order: it does not decode the skipped ones."""
     counting = """
     data = importlib.import_module(pkg + ".data")
-    build_dataset, loaded = data.build_dataset, []
+    build_splits, loaded = data.build_splits, []
 
     class Counting(torch.utils.data.Dataset):
         def __init__(self, inner):
@@ -145,11 +145,15 @@ def test_mid_epoch_resume_loads_no_skipped_sample_again(default_project, tmp_pat
             loaded.append(index)
             return self.inner[index]
 
-    data.build_dataset = lambda *args: Counting(build_dataset(*args))
+    def counting_splits(*args):
+        splits = build_splits(*args)
+        return dataclasses.replace(splits, train=Counting(splits.train), val=Counting(splits.val))
+
+    data.build_splits = counting_splits
     record = sys.argv.pop()  # the last argument names the file that receives the loaded indices
     atexit.register(lambda: Path(record).write_text(json.dumps(loaded)))
     """
-    prelude = "import atexit, json, sys, torch\nfrom pathlib import Path\n" + textwrap.dedent(counting)
+    prelude = "import atexit, dataclasses, json, sys, torch\nfrom pathlib import Path\n" + textwrap.dedent(counting)
     # The first session is stopped by a signal during epoch 1's validation: it saves one step into epoch 2.
     common = (*QUICK, "log.every_n_steps=1", f"output_dir={tmp_path / 'run'}")
     first_session = prelude + INTERRUPTED_RUN.replace("len(calls) == 2", "len(calls) == 1")
@@ -181,3 +185,31 @@ def test_the_readme_s_regression_task_trains_by_editing_task_py_alone(default_pr
     # Predicting the mean digit would miss by 2.5 on average; the model learns far better than that.
     assert summary["best_metric"] < 1.0, summary
     assert summary["best_metric"] == min(summary["final_metrics"]["val_mae"], summary["best_metric"])
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(default_project, tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("not a directory\n")
+    result = run_module(default_project, "train", *QUICK, f"output_dir={target}")
+    assert_one_line_error(result, f"output_dir {target} is a file, not a directory")
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_last_good_checkpoint_survives(default_project, tmp_path):
+    out = tmp_path / "run"
+    train(default_project, *QUICK, f"output_dir={out}")
+    last = out / "checkpoints" / "last.pt"
+    good = last.read_bytes()
+    # The next save's write fails as on a full disk: after the temporary file is opened, mid-write.
+    full_disk = """
+    import errno, sys, torch
+    save = torch.save
+    def save_until_full(obj, file, *args, **kwargs):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(getattr(file, "name", "")))
+    torch.save = save_until_full
+    importlib.import_module(pkg + ".train").main(sys.argv[1:])
+    """
+    result = run_package_code(default_project, full_disk, *QUICK, "epochs=3", "resume=auto", f"output_dir={out}")
+    assert_one_line_error(result, f"No space left on device: {last}")
+    assert last.read_bytes() == good
+    assert not list(last.parent.glob(".*.tmp"))  # the half-written temporary file is gone

@@ -33,6 +33,16 @@ def spy(model, *args, **kwargs):
 
 
 train.build_optimizer = spy
+calibrate_batchnorm = getattr(train, "calibrate_batchnorm", None)
+
+
+def calibrate_then_capture(model, *args):
+    calibrate_batchnorm(model, *args)  # frozen BatchNorm starts from the data's statistics: capture after
+    captured["initial"] = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+if calibrate_batchnorm is not None:
+    train.calibrate_batchnorm = calibrate_then_capture
 """
 
 
@@ -118,7 +128,7 @@ def test_first_n_freezes_the_first_child_modules(render_project, tmp_path):
     code = (
         SPY
         + f"""
-train.fit(load_config(None, {[*QUICK, "epochs=1", "freeze.first_n=3", f"output_dir={tmp_path}"]!r}))
+train.fit(load_config(None, {[*QUICK, "epochs=1", "freeze.first_n=3", f"output_dir={tmp_path / 'run'}"]!r}))
 model = captured["model"]
 print(json.dumps({{name: p.requires_grad for name, p in model.named_parameters()}}))
 """
@@ -130,12 +140,12 @@ print(json.dumps({{name: p.requires_grad for name, p in model.named_parameters()
 
 def test_freezing_everything_or_a_pattern_matching_nothing_is_a_config_error(render_project, tmp_path):
     patterns = render_project(freezing="patterns")
-    result = run_module(patterns, "train", *QUICK, "freeze.patterns=[blok1.*]", f"output_dir={tmp_path}")
+    result = run_module(patterns, "train", *QUICK, "freeze.patterns=[blok1.*]", f"output_dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert "freeze.patterns: 'blok1.*' matches no parameter" in result.stderr
     assert "block1, block2, block3, head" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_module(patterns, "train", *QUICK, "freeze.patterns=['*']", f"output_dir={tmp_path}")
+    result = run_module(patterns, "train", *QUICK, "freeze.patterns=['*']", f"output_dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert "no trainable parameter" in result.stderr
 
@@ -207,10 +217,11 @@ PARTIAL_CHECKPOINT = """
 import json, sys
 import torch
 from my_project.config import ModelConfig
+from my_project.data import DIGITS_INFO
 from my_project.model import build_model
 
 torch.manual_seed(1)
-source = build_model(ModelConfig()).state_dict()
+source = build_model(ModelConfig(), DIGITS_INFO).state_dict()
 del source["block3.0.1.running_var"]  # missing from the file
 source["head.1.weight"] = torch.randn(5, 64)  # a head trained for 5 classes: shape mismatch
 source["head.1.bias"] = torch.randn(5)
@@ -242,13 +253,14 @@ def test_partial_load_reports_loaded_missing_unexpected_and_skipped_keys(pretrai
 import json
 import torch
 from my_project.config import ModelConfig
+from my_project.data import DIGITS_INFO
 from my_project.model import build_model
 from my_project.pretrained import load_pretrained
 
 results = []
 for path in {[str(checkpoint), str(bare)]!r}:
     torch.manual_seed(2)
-    model = build_model(ModelConfig())
+    model = build_model(ModelConfig(), DIGITS_INFO)
     before = {{key: value.clone() for key, value in model.state_dict().items()}}
     report = load_pretrained(model, path, ["block1.*"])
     file = {{key.removeprefix("module."): value for key, value in torch.load(
@@ -296,7 +308,7 @@ def test_a_file_that_is_not_a_checkpoint_exits_with_one_clear_error(pretrained_p
         (not_tensors, f"error: pretrained.path {not_tensors} holds no state dict"),
         (tmp_path / "absent.pt", f"error: pretrained.path {tmp_path / 'absent.pt'} does not exist"),
     ]:
-        result = run_module(project, "train", *QUICK, f"pretrained.path={path}", f"output_dir={tmp_path}")
+        result = run_module(project, "train", *QUICK, f"pretrained.path={path}", f"output_dir={tmp_path / 'run'}")
         assert result.returncode != 0
         lines = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]  # CPU fallback
         assert len(lines) == 1 and lines[0].startswith(message), result.stderr
@@ -328,10 +340,11 @@ import json
 import torch
 from torch import nn
 from my_project.config import load_config
+from my_project.data import DIGITS_INFO
 from my_project.model import build_model
 
 torch.manual_seed(0)
-model = build_model(load_config(None, OVERRIDES).model)
+model = build_model(load_config(None, OVERRIDES).model, DIGITS_INFO)
 layers = []
 for name, module in model.named_modules():
     if isinstance(module, (nn.Conv2d, nn.Linear)):

@@ -1,0 +1,259 @@
+"""DDP launch scripts: what they ask of a cluster, how they size and name a launch, and that torchrun
+through them stops cleanly on SIGTERM and survives a killed worker across two "nodes" on loopback.
+
+SLURM's commands are replaced by stubs here, so the sbatch script's own logic (the time-limit trap,
+the requeue on a preempted exit) runs in the default test run; tests/test_slurm.py runs it under a
+real SLURM (pytest -m slurm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from rendering import project_answers, project_env, render
+
+SCRIPTS = ["slurm.sbatch", "train_multi_node.sh", "train_single_node.sh"]
+
+
+@pytest.fixture(scope="module")
+def cpu_project(template_dir, tmp_path_factory) -> Path:
+    project = render(
+        template_dir, tmp_path_factory.mktemp("launchers") / "cpu-project", {"parallelism": "ddp", "device": "cpu"}
+    )
+    return project
+
+
+@pytest.fixture(scope="module")
+def gpu_project(template_dir, tmp_path_factory) -> Path:
+    answers = {"parallelism": "ddp", "device": "cuda", "gpu_ids": "0,1,2"}
+    return render(template_dir, tmp_path_factory.mktemp("launchers") / "gpu-project", answers)
+
+
+def sbatch_options(script: Path) -> dict[str, str]:
+    """The ``#SBATCH --name=value`` lines as name -> 'value  # comment'."""
+    lines = re.findall(r"^#SBATCH --([a-z-]+)(?:=(.*))?$", script.read_text(), re.MULTILINE)
+    return {name: value for name, value in lines}
+
+
+def test_launch_scripts_are_executable_bash(cpu_project, gpu_project):
+    for project in (cpu_project, gpu_project):
+        assert sorted(path.name for path in (project / "scripts").iterdir()) == SCRIPTS
+        for name in SCRIPTS:
+            path = project / "scripts" / name
+            assert os.access(path, os.X_OK), name
+            check = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+            assert check.returncode == 0, check.stderr
+
+
+def test_sbatch_asks_for_gpus_only_in_gpu_renders_and_comments_every_resource(cpu_project, gpu_project):
+    cpu = sbatch_options(cpu_project / "scripts/slurm.sbatch")
+    gpu = sbatch_options(gpu_project / "scripts/slurm.sbatch")
+    assert not any("gpu" in name or "gres" in name for name in cpu), cpu
+    assert gpu["gpus-per-node"].startswith("3 ")  # one per entry of gpu_ids
+    # A small CPU node runs the CPU render unedited: one node, two cores.
+    assert cpu["nodes"].startswith("1 ") and cpu["cpus-per-task"].startswith("2 ")
+    for options in (cpu, gpu):
+        for name in ("nodes", "ntasks-per-node", "cpus-per-task", "time", "signal", "open-mode"):
+            assert "# " in options[name], f"--{name} has no comment saying what to change"
+        assert options["open-mode"].startswith("append")  # a requeued run keeps the earlier runs' log
+        assert "requeue" in options and options["signal"].startswith("B:USR1@")
+
+
+# --- the scripts' settings, read from the command they would run ------------------------------------
+
+
+def fake_bin(tmp_path: Path, **programs: str) -> Path:
+    """A directory of stub programs (bash bodies) to put first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in programs.items():
+        path = bin_dir / name
+        path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        path.chmod(0o755)
+    return bin_dir
+
+
+def launch_command(project: Path, script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run a launch script with a stub ``python`` that prints the torchrun arguments it was given."""
+    bin_dir = fake_bin(tmp_path, python='printf "%s\\n" "$@"')
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NPROC", "RDZV_", "CUDA_"))}
+    return subprocess.run(
+        [str(project / "scripts" / script), "epochs=3"],
+        cwd=project,
+        env=clean | {"PATH": f"{bin_dir}:{os.environ['PATH']}"} | env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def torchrun_flag(result: subprocess.CompletedProcess, name: str) -> str:
+    assert result.returncode == 0, result.stderr
+    return next(arg.split("=", 1)[1] for arg in result.stdout.splitlines() if arg.startswith(f"--{name}="))
+
+
+def test_nproc_follows_cuda_visible_devices_then_gpu_ids_and_nproc_wins(gpu_project, tmp_path):
+    for script in ("train_single_node.sh", "train_multi_node.sh"):
+        env = {"NNODES": "1", "RDZV_HOST": "localhost", "RDZV_ID": "test"}
+        assert torchrun_flag(launch_command(gpu_project, script, tmp_path, **env), "nproc-per-node") == "3"
+        visible = launch_command(gpu_project, script, tmp_path, CUDA_VISIBLE_DEVICES="4,5", **env)
+        assert torchrun_flag(visible, "nproc-per-node") == "2"
+        assert torchrun_flag(launch_command(gpu_project, script, tmp_path, NPROC="1", **env), "nproc-per-node") == "1"
+
+
+def test_rendezvous_id_is_required_outside_slurm_and_new_for_every_slurm_run(cpu_project, tmp_path):
+    env = {"NNODES": "2", "RDZV_HOST": "node0"}
+    missing = launch_command(cpu_project, "train_multi_node.sh", tmp_path, **env)
+    assert missing.returncode != 0 and "RDZV_ID" in missing.stderr
+    first = launch_command(cpu_project, "train_multi_node.sh", tmp_path, SLURM_JOB_ID="812", **env)
+    requeued = launch_command(
+        cpu_project, "train_multi_node.sh", tmp_path, SLURM_JOB_ID="812", SLURM_RESTART_COUNT="1", **env
+    )
+    assert torchrun_flag(first, "rdzv-id") != torchrun_flag(requeued, "rdzv-id")
+    assert (
+        torchrun_flag(launch_command(cpu_project, "train_multi_node.sh", tmp_path, RDZV_ID="mine", **env), "rdzv-id")
+        == "mine"
+    )
+    # A restart waits a bounded time for the other nodes, and it resumes: resume=auto goes to every rank.
+    assert torchrun_flag(first, "rdzv-conf") == "join_timeout=300"
+    assert "resume=auto" in first.stdout.splitlines()
+
+
+# --- the sbatch script under stub SLURM commands ----------------------------------------------------
+
+SLURM_ENV = {
+    "SLURM_JOB_ID": "812",
+    "SLURM_NNODES": "1",
+    "SLURM_JOB_NODELIST": "node0",
+    "SLURM_CPUS_PER_TASK": "2",
+}
+
+
+def run_sbatch(project: Path, tmp_path: Path, srun_body: str, send_usr1: bool = False) -> tuple[int, str]:
+    """Run the sbatch script as SLURM's batch shell would, with stubs logging every SLURM command."""
+    log = tmp_path / "slurm-calls.log"
+    bin_dir = fake_bin(
+        tmp_path,
+        srun=f'echo "srun NPROC=$NPROC RDZV_HOST=$RDZV_HOST $*" >> {log}\n{srun_body}',
+        scontrol=f'if [[ $1 == show ]]; then echo node0; else echo "scontrol $*" >> {log}; fi',
+        scancel=f'echo "scancel $*" >> {log}; kill -TERM "$(cat {tmp_path}/step.pid)"',
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NPROC"))}
+    batch = subprocess.Popen(
+        ["bash", str(project / "scripts/slurm.sbatch"), "epochs=3"],
+        cwd=project,
+        env=env | SLURM_ENV | {"PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if send_usr1:
+        while not (tmp_path / "step.pid").exists():
+            time.sleep(0.05)
+        batch.send_signal(signal.SIGUSR1)  # SLURM's --signal=B:USR1@90
+    output, _ = batch.communicate(timeout=60)
+    return batch.returncode, (log.read_text() if log.exists() else "") + output
+
+
+def test_sbatch_time_limit_warning_stops_the_step_with_sigterm_and_requeues(cpu_project, tmp_path):
+    # The step's workers answer SIGTERM by saving and exiting with 75 (preempted).
+    step = f"sleep 60 & echo $! > {tmp_path}/pid; mv {tmp_path}/pid {tmp_path}/step.pid; wait $! || exit 75"
+    status, calls = run_sbatch(cpu_project, tmp_path, step, send_usr1=True)
+    assert "srun NPROC=2 RDZV_HOST=node0 scripts/train_multi_node.sh epochs=3" in calls
+    assert "scancel --signal=TERM 812.0" in calls  # a real SIGTERM to the step, not to srun
+    assert "scontrol requeue 812" in calls
+    assert status == 0, calls
+
+
+def test_sbatch_does_not_requeue_a_finished_or_failed_run(cpu_project, tmp_path):
+    status, calls = run_sbatch(cpu_project, tmp_path, "exit 0")
+    assert status == 0 and "requeue" not in calls
+    status, calls = run_sbatch(cpu_project, tmp_path, "exit 1")
+    assert status == 1 and "requeue" not in calls
+
+
+# --- torchrun through the scripts, on the CPU -----------------------------------------------------
+
+
+def start_script(project: Path, script: str, log: Path, *overrides: str, **env: str) -> subprocess.Popen:
+    python_dir = str(Path(sys.executable).parent)
+    full_env = project_env(project) | {"PYTHONUNBUFFERED": "1", "PATH": f"{python_dir}:{os.environ['PATH']}"} | env
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [str(project / "scripts" / script), *overrides],
+            cwd=project,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the test can end the launcher and its workers as one group
+        )
+
+
+def wait_for(log: Path, text: str, processes: list[subprocess.Popen], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{log.read_text()[-3000:]}"
+        assert all(p.poll() is None for p in processes), log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def stop_all(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+EPOCHS = ("data.dataset=synthetic", "data.synthetic_size=4096", "data.batch_size=16", "log.progress_bar=false")
+
+
+def test_sigterm_to_the_launcher_saves_and_ends_with_75_without_a_traceback(cpu_project, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "launch.log"
+    launcher = start_script(cpu_project, "train_single_node.sh", log, *EPOCHS, "epochs=3", f"output_dir={out}")
+    try:
+        wait_for(log, "epoch 1/3 |", [launcher])
+        launcher.send_signal(signal.SIGTERM)  # as scancel --signal=TERM or a scheduler's preemption
+        assert launcher.wait(timeout=60) == 75, log.read_text()[-3000:]
+    finally:
+        stop_all([launcher])
+    text = log.read_text()
+    assert "received SIGTERM: saved" in text and "exit status 75 (preempted)" in text, text[-3000:]
+    assert "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
+
+
+def test_two_node_launch_on_loopback_resumes_after_a_worker_is_killed(cpu_project, tmp_path):
+    """Two launchers as two nodes of one worker each; kill -9 one worker after the first epoch.
+
+    Both nodes restart their workers, which rendezvous again, resume from last.pt and finish. A
+    restart that cannot gather both nodes would fail after RDZV_TIMEOUT instead of hanging.
+    """
+    out = tmp_path / "run"
+    env = {"NNODES": "2", "NPROC": "1", "RDZV_HOST": "127.0.0.1", "RDZV_ID": uuid.uuid4().hex, "RDZV_TIMEOUT": "60"}
+    env["RDZV_PORT"] = str(20000 + os.getpid() % 20000)
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    nodes = [
+        start_script(cpu_project, "train_multi_node.sh", log, *EPOCHS, "epochs=3", f"output_dir={out}", **env)
+        for log in logs
+    ]
+    try:
+        wait_for(logs[0], "epoch 1/3 |", nodes)
+        package = project_answers(cpu_project)["package_name"]
+        worker = subprocess.run(
+            ["pgrep", "-P", str(nodes[1].pid), "-f", f"{package}.train"], capture_output=True, text=True
+        )
+        os.kill(int(worker.stdout.split()[0]), signal.SIGKILL)
+        statuses = [node.wait(timeout=100) for node in nodes]
+    finally:
+        stop_all(nodes)
+    text = "".join(log.read_text() for log in logs)
+    assert statuses == [0, 0], text[-4000:]
+    assert "resumed from" in text, text[-4000:]
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 3

@@ -1,0 +1,280 @@
+"""From digits to your own project: image folders, torchvision models, pretrained weights, evaluate, predict.
+
+Every picture is generated on the spot (tests/imagedata.py) and no weights are downloaded: torchvision's
+published weights are tested through a file already in the torch cache, and offline without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from imagedata import CLASS_COLOURS, write_image_folder
+from PIL import Image
+from rendering import check, project_env, render, run_module, run_python, train
+
+CLASSES = sorted(CLASS_COLOURS)
+QUICK = ("data.image_size=32", "data.batch_size=16", "log.progress_bar=false", "device=cpu")
+RESNET18_STATE = """
+import sys, torch, torchvision
+torch.manual_seed(0)
+torch.save(torchvision.models.resnet18().state_dict(), sys.argv[1])  # 1000 ImageNet classes, random weights
+"""
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """90 pictures of 3 classes, plus a transparent RGBA one, a greyscale one and a file that is no picture."""
+    root = write_image_folder(tmp_path_factory.mktemp("images") / "pets", per_class=30, size=32)
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = CLASS_COLOURS["cat"], 255
+    rgba[:4, :4, 3] = 0  # a transparent corner, composited onto white
+    Image.fromarray(rgba, "RGBA").save(root / "cat" / "rgba.png")
+    Image.fromarray(np.full((32, 32), 90, np.uint8), "L").save(root / "owl" / "grey.png")
+    (root / "dog" / "notes.txt").write_text("not a picture: ignored")
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(template_dir, tmp_path_factory):
+    return render(
+        template_dir, tmp_path_factory.mktemp("own") / "project", {"dataset": "imagefolder", "pretrained": True}
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(project, images, tmp_path_factory):
+    """A small CNN trained for 3 epochs on the pictures: the run directory."""
+    out = tmp_path_factory.mktemp("trained")
+    train(project, *QUICK, f"data.root={images}", "epochs=3", f"output_dir={out}")
+    return out
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and expected in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_imagefolder_project_learns_the_pictures_and_checkpoints_describe_the_data(trained):
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["best_metric"] >= 0.9
+    data = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)["data"]
+    assert data["dataset"] == "imagefolder"
+    assert data["classes"] == CLASSES
+    assert list(data["input_shape"]) == [3, 32, 32]
+    assert data["mean"] == pytest.approx([0.485, 0.456, 0.406]) and data["std"] == pytest.approx([0.229, 0.224, 0.225])
+
+
+def test_one_render_trains_digits_synthetic_and_image_folders(project, trained, tmp_path):
+    for dataset in ("digits", "synthetic"):
+        result = train(
+            project, f"data.dataset={dataset}", "epochs=1", "log.progress_bar=false", f"output_dir={tmp_path / dataset}"
+        )
+        assert "epoch 1/1 |" in result.stdout
+        shape = torch.load(tmp_path / dataset / "checkpoints" / "last.pt", weights_only=True)["data"]["input_shape"]
+        assert list(shape) == [1, 8, 8]
+
+
+def test_torchvision_resnet18_trains_one_epoch(project, images, tmp_path):
+    result = train(project, *QUICK, f"data.root={images}", "model.arch=resnet18", "epochs=1", f"output_dir={tmp_path}")
+    assert "epoch 1/1 |" in result.stdout
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["model"]["fc.weight"].shape == (3, 512)
+
+
+def test_an_unknown_model_is_refused_with_close_matches(project, images, tmp_path):
+    result = run_module(
+        project, "train", *QUICK, f"data.root={images}", "model.arch=resnet81", f"output_dir={tmp_path}"
+    )
+    assert_one_line_error(result, "model.arch: unknown model 'resnet81'; did you mean resnet18")
+    assert not tmp_path.joinpath("checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def imagenet_resnet18(project, tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "resnet18-imagenet.pt"
+    run_python(project, RESNET18_STATE.replace("sys.argv[1]", repr(str(path))))
+    return path
+
+
+FC_SKIPPED = "skipped 2 (fc.weight: shape (1000, 512) != model (3, 512), fc.bias: shape (1000,) != model (3,))"
+
+
+def test_a_1000_class_resnet18_loads_into_a_3_class_model_skipping_fc(project, images, imagenet_resnet18, tmp_path):
+    overrides = (f"data.root={images}", "model.arch=resnet18", f"pretrained.path={imagenet_resnet18}", "epochs=1")
+    result = train(project, *QUICK, *overrides, f"output_dir={tmp_path}")
+    assert f"pretrained weights from {imagenet_resnet18}: loaded 120, missing 0, unexpected 0, " in result.stdout
+    assert FC_SKIPPED in result.stdout
+
+
+def run_offline(project, torch_home, *args: str) -> subprocess.CompletedProcess:
+    """Train with the torch cache in ``torch_home`` and every download failing at once (a dead proxy)."""
+    env = {**project_env(project), "TORCH_HOME": str(torch_home)}
+    env.update({name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")})
+    command = [sys.executable, "-m", "my_project.train", *args]
+    return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_weights_by_name_come_from_the_torch_cache_and_fail_offline_in_one_line(
+    project, images, imagenet_resnet18, tmp_path
+):
+    common = (*QUICK, f"data.root={images}", "model.arch=resnet18", "pretrained.weights=DEFAULT", "epochs=1")
+    offline = run_offline(project, tmp_path / "torch", *common, f"output_dir={tmp_path / 'offline'}")
+    assert_one_line_error(offline, "cannot download ResNet18_Weights.IMAGENET1K_V1")
+    assert "or set pretrained.path to a local file" in offline.stderr
+    assert not (tmp_path / "offline").exists()
+
+    unknown = run_offline(
+        project, tmp_path / "torch", *common, "pretrained.weights=IMAGENET9K", f"output_dir={tmp_path / 'x'}"
+    )
+    assert_one_line_error(unknown, "ResNet18_Weights has no 'IMAGENET9K'; choose one of IMAGENET1K_V1, DEFAULT")
+
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)  # the failed download made it
+    shutil.copy(imagenet_resnet18, cache / "resnet18-f37072fd.pth")  # the file name torchvision downloads to
+    cached = run_offline(project, tmp_path / "torch", *common, f"output_dir={tmp_path / 'cached'}")
+    check(cached, "training from cached weights", project)
+    assert "pretrained weights DEFAULT of resnet18: loaded 120, missing 0, unexpected 0, " in cached.stdout
+    assert FC_SKIPPED in cached.stdout
+
+
+@pytest.fixture(scope="module")
+def split_images(tmp_path_factory):
+    """train/, val/ and test/ folders of class folders."""
+    root = tmp_path_factory.mktemp("splits") / "pets"
+    write_image_folder(root / "train", per_class=20, size=32, seed=1)
+    write_image_folder(root / "val", per_class=5, size=32, seed=2)
+    write_image_folder(root / "test", per_class=7, size=32, seed=3)
+    return root
+
+
+def test_evaluate_writes_a_confusion_matrix_over_the_test_split_and_never_overwrites(project, split_images, tmp_path):
+    train(project, *QUICK, f"data.root={split_images}", "epochs=2", f"output_dir={tmp_path}")
+    checkpoint = tmp_path / "checkpoints" / "best.pt"
+    result = check(run_module(project, "evaluate", str(checkpoint)), "evaluate", project)
+    assert "21 samples of the test split" in result.stdout
+    assert all(name in result.stdout for name in CLASSES)
+    folder = tmp_path / "evaluations" / "best-test"
+    report = json.loads((folder / "evaluation.json").read_text())
+    assert sum(map(sum, report["confusion_matrix"])) == report["samples"] == 3 * 7
+    assert report["classes"] == CLASSES and set(report["per_class_accuracy"]) == set(CLASSES)
+    assert (folder / "confusion_matrix.png").stat().st_size > 0
+
+    # The validation split, with the data moved: an override points at them; a second evaluation of
+    # the same split goes to a new folder; an existing --output is refused unless --overwrite.
+    moved = tmp_path / "moved"
+    shutil.copytree(split_images, moved)
+    check(run_module(project, "evaluate", str(checkpoint), f"data.root={moved}", "--split=val"), "evaluate", project)
+    check(run_module(project, "evaluate", str(checkpoint), f"data.root={moved}", "--split=val"), "evaluate", project)
+    assert json.loads((tmp_path / "evaluations" / "best-val-2" / "evaluation.json").read_text())["samples"] == 15
+    refused = run_module(project, "evaluate", str(checkpoint), f"--output={folder}")
+    assert_one_line_error(refused, "already exists; pass --overwrite")
+    check(run_module(project, "evaluate", str(checkpoint), f"--output={folder}", "--overwrite"), "evaluate", project)
+
+
+def test_predict_prints_top_k_writes_csv_and_one_cam_per_picture(project, trained, split_images, tmp_path):
+    pictures = split_images / "test"
+    out_csv, cams = tmp_path / "predictions.csv", tmp_path / "cams"
+    args = (
+        str(trained / "checkpoints" / "best.pt"),
+        str(pictures),
+        "--top-k=2",
+        f"--output={out_csv}",
+        f"--cam={cams}",
+    )
+    result = check(run_module(project, "predict", *args), "predict", project)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 21
+    right = sum(line.split()[0].split("/")[-2] == line.split()[1] for line in lines)  # .../test/<class>/<n>.png
+    assert right >= 19
+    assert len(out_csv.read_text().splitlines()) == 22
+    assert out_csv.read_text().splitlines()[0] == "path,class_1,probability_1,class_2,probability_2"
+    assert len(list(cams.glob("*.png"))) == 21  # same file names in three folders: none overwritten
+
+
+def test_cam_is_refused_for_a_model_without_convolutions(project, images, tmp_path):
+    train(project, *QUICK, f"data.root={images}", "model.arch=mlp", "epochs=1", f"output_dir={tmp_path}")
+    picture = str(images / "cat" / "000.png")
+    cams = tmp_path / "cams"
+    result = run_module(project, "predict", str(tmp_path / "checkpoints" / "last.pt"), picture, f"--cam={cams}")
+    assert_one_line_error(result, "--cam needs a convolutional layer; model.arch=mlp has none")
+    assert not cams.exists()
+
+
+def corrupt(root):
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+
+
+def single_class(root):
+    for name in ("dog", "owl"):
+        shutil.rmtree(root / name)
+
+
+def empty_class(root):
+    for picture in (root / "owl").iterdir():
+        picture.unlink()
+
+
+def split_without_val(root):
+    (root / "train").mkdir()
+    for name in CLASSES:
+        (root / name).rename(root / "train" / name)
+
+
+@pytest.mark.parametrize(
+    ("damage", "root_override", "expected"),
+    [
+        (None, "data.root=null", "data.root is not set"),
+        (None, "data.root={root}/absent", "absent does not exist"),
+        (lambda root: [shutil.rmtree(root / name) for name in CLASSES], None, "holds no folders"),
+        (empty_class, None, "owl holds no images"),
+        (single_class, None, "has 1 class folder(s) ['cat']; a classifier needs at least 2"),
+        (split_without_val, None, "holds train: give it train/ and val/"),
+        (corrupt, None, "broken.png is not a readable image (cannot identify image file"),
+    ],
+    ids=["unset", "missing", "empty", "class-without-images", "one-class", "train-without-val", "corrupt"],
+)
+def test_bad_data_stops_with_one_line_and_writes_nothing(project, images, tmp_path, damage, root_override, expected):
+    root = shutil.copytree(images, tmp_path / "pets")
+    if damage is not None:
+        damage(root)
+    override = (root_override or "data.root={root}").format(root=root)
+    out = tmp_path / "run"
+    result = run_module(project, "train", *QUICK, override, "epochs=1", f"output_dir={out}")
+    assert_one_line_error(result, expected)
+    if damage is corrupt:
+        assert "stopping: fix or remove the file" in result.stderr
+    if damage is not corrupt:  # a picture found corrupt mid-epoch stops the run before anything is saved
+        assert not out.exists()
+    assert not (out / "checkpoints").exists()
+
+
+def test_evaluate_and_predict_refuse_another_projects_checkpoint_and_missing_inputs(
+    project, trained, default_project, tmp_path
+):
+    foreign = trained / "checkpoints" / "best.pt"  # its config has data.root, which the digits project lacks
+    result = run_module(default_project, "evaluate", str(foreign), f"--output={tmp_path / 'eval'}")
+    assert_one_line_error(result, "comes from another project: its config does not fit this one")
+    assert not (tmp_path / "eval").exists()
+    result = run_module(default_project, "predict", str(foreign), str(tmp_path))
+    assert_one_line_error(result, "comes from another project")
+
+    not_a_checkpoint = tmp_path / "weights.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, not_a_checkpoint)
+    result = run_module(project, "predict", str(not_a_checkpoint), str(tmp_path))
+    assert_one_line_error(result, "is not a training checkpoint of this project")
+
+    result = run_module(
+        project, "predict", str(foreign), str(tmp_path / "absent.png"), f"--output={tmp_path / 'p.csv'}"
+    )
+    assert_one_line_error(result, "absent.png does not exist")
+    assert not (tmp_path / "p.csv").exists()
+    assert os.listdir(tmp_path) == ["weights.pt"]
