@@ -89,9 +89,11 @@ def assert_same_training_state(expected: dict, actual: dict) -> None:
 
 LOADS_INTO_THE_BARE_MODEL = """
 import sys, torch
+from pathlib import Path
 cfg = importlib.import_module(pkg + ".config").load_config(None, [])
-model = importlib.import_module(pkg + ".model").build_model(cfg.model)
-model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
+data = torch.load(Path(sys.argv[1]) / "state.pt", weights_only=True)["data"]
+model = importlib.import_module(pkg + ".model").build_model(cfg.model, importlib.import_module(pkg + ".data").DataInfo.from_dict(data))
+model.load_state_dict(torch.load(Path(sys.argv[1]) / "model.pt", weights_only=True))
 """
 
 
@@ -118,7 +120,7 @@ def test_fsdp_trains_with_two_torchrun_ranks_on_cpu_writes_checkpoint_directorie
     # model.pt: the full model with plain keys, for the bare model.
     model = torch.load(last / "model.pt", weights_only=True)
     assert not any(key.startswith(("module.", "_orig_mod.", "_fsdp")) for key in model)
-    run_package_code(fsdp_project, LOADS_INTO_THE_BARE_MODEL, str(last / "model.pt"))
+    run_package_code(fsdp_project, LOADS_INTO_THE_BARE_MODEL, str(last))
 
     resumed = torchrun(fsdp_project, *UNEVEN, "epochs=3", "resume=auto", f"output_dir={out}")
     assert f"resumed from {last} at step 8 (2 epochs completed)" in resumed.stdout
@@ -195,7 +197,7 @@ def test_a_kill_9_during_a_save_leaves_the_previous_checkpoint_as_last_and_it_re
 
 
 # Restores the last checkpoint into a freshly sharded model on both ranks and compares its outputs with
-# the bare model loaded from model.pt, on rank 0.
+# the model that evaluate and predict rebuild from the checkpoint directory alone (its model.pt), on rank 0.
 SHARDED_AGAINST_MODEL_PT = """
 import importlib, os, sys
 from pathlib import Path
@@ -203,19 +205,23 @@ import torch
 pkg, last = sys.argv[1], Path(sys.argv[2])
 train = importlib.import_module(pkg + ".train")
 distributed = importlib.import_module(pkg + ".distributed")
+checkpoint = importlib.import_module(pkg + ".checkpoint")
 cfg = importlib.import_module(pkg + ".config").load_config(None, sys.argv[3:])
 device = distributed.setup(cfg)
-state = train.build_state(cfg, device, steps_per_epoch=4)
+info = importlib.import_module(pkg + ".data").DataInfo.from_dict(checkpoint.load_checkpoint(last)["data"])
+state = train.build_state(cfg, device, 4, info)
 train.restore(state, cfg, last)
-inputs = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+inputs = torch.randn(6, *info.input_shape, generator=torch.Generator().manual_seed(0))
 state.model.eval()
 with torch.no_grad():
     sharded = state.model(inputs)
 if distributed.is_main_process():
-    bare = importlib.import_module(pkg + ".model").build_model(cfg.model).eval()
-    bare.load_state_dict(torch.load(last / "model.pt", weights_only=True))
-    with torch.no_grad():
-        assert torch.equal(bare(inputs), sharded), (bare(inputs) - sharded).abs().max()
+    for path in (last, last / "model.pt"):
+        trained = checkpoint.load_trained_model(path, device="cpu")
+        assert not trained.model.training
+        with torch.no_grad():
+            bare = trained.model(inputs)
+        assert torch.equal(bare, sharded), (bare - sharded).abs().max()
     print("outputs equal")
 distributed.teardown()
 """
