@@ -10,6 +10,14 @@ load the GPU (``model.width``). Throughput is samples/s of the rendered ``train_
 epochs after the first (which holds the compile and cuDNN warm-up), synchronised with the GPU at both
 ends of every timed epoch. Stall time is the time the loop spends waiting for ``next(batch)`` from the
 training DataLoader, as a share of the epoch: the part of the epoch the GPU could have been busy.
+
+Three more figures, on the bf16 + compile render (the fastest answers on a GPU that has bf16):
+- **hand-written**: the same model, optimiser and loader in a plain loop (autocast bf16, ``torch.compile``,
+  pinned batches copied with ``non_blocking=True``), the samples/s a careful engineer gets by hand;
+- **unpinned**: the rendered loop with ``pin_memory`` turned off, so each copy to the GPU is synchronous;
+- **host syncs per step**: ``torch.cuda.set_sync_debug_mode("warn")`` during the timed epochs of the
+  rendered ``train_one_epoch`` counts every operation that waits for the GPU (the loop reads the device
+  once per ``log.every_n_steps`` window; the dry run on the CPU counts the same reads by wrapping them).
 """
 
 from __future__ import annotations
@@ -21,12 +29,14 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from harness import RenderedProject, question_or_none, render_project, timed_fit
+from harness import EpochTimes, RenderedProject, count_host_reads, question_or_none, render_project, timed_fit
+from torch.nn import functional as F
 
 
 class TimedLoader:
@@ -99,6 +109,88 @@ def measure(project: RenderedProject, overrides: list[str], synchronize: Callabl
     }
 
 
+def common_overrides(args: argparse.Namespace, output_dir: Path, workers: str) -> list[str]:
+    """The config of every timed run: synthetic data, ``--steps`` steps an epoch, one warm-up epoch."""
+    return [
+        f"epochs={1 + args.epochs}",
+        f"output_dir={output_dir}",
+        "data.dataset=synthetic",
+        f"data.synthetic_size={round(args.steps * args.batch_size / 0.98) + args.batch_size}",
+        "data.val_fraction=0.02",
+        f"data.batch_size={args.batch_size}",
+        f"data.num_workers={workers}",
+        f"model.width={args.width}",
+        "log.progress_bar=false",
+    ]
+
+
+def hand_written(project: RenderedProject, overrides: list[str], device: str, synchronize: Callable[[], None]) -> float:
+    """samples/s of a plain bf16 + compile loop on the project's model, optimiser and pinned loader."""
+    cfg = project.config.load_config(None, overrides)
+    torch.manual_seed(cfg.seed)
+    loader, _, info = project.data.build_loaders(cfg.data, cfg.seed, pin_memory=device == "cuda")
+    model = project.model.build_model(cfg.model, info).to(device)
+    optimizer = project.optim.build_optimizer(model, cfg.optim)
+    step = torch.compile(model, backend=cfg.compile_backend)
+    times = EpochTimes()
+    steps = [0]
+    for _ in range(cfg.epochs):
+        synchronize()
+        with times.epoch(lambda: steps[0]):
+            for inputs, targets in loader:
+                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    loss = F.cross_entropy(step(inputs), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps[0] += 1
+            synchronize()
+    return times.steps_per_second(skip=1) * cfg.data.batch_size
+
+
+def unpinned(project: RenderedProject, overrides: list[str], synchronize: Callable[[], None]) -> float:
+    """samples/s of the rendered loop with the training loader's pin_memory turned off."""
+    train = project.train
+    build_loaders = train.build_loaders
+    train.build_loaders = lambda *args, **kwargs: build_loaders(*args, **{**kwargs, "pin_memory": False})
+    try:
+        return measure(project, overrides, synchronize)["samples_per_s"]
+    finally:
+        train.build_loaders = build_loaders
+
+
+def host_syncs_per_step(project: RenderedProject, overrides: list[str]) -> float:
+    """Synchronising CUDA calls per optimiser step in the rendered train_one_epoch, after its first epoch."""
+    train = project.train
+    original = train.train_one_epoch
+    counts = {"epochs": 0, "syncs": 0, "steps": 0}
+
+    @functools.wraps(original)
+    def counted(state, *args, **kwargs):
+        counts["epochs"] += 1
+        if counts["epochs"] == 1:  # warm-up: compilation and cuDNN autotuning synchronise by design
+            return original(state, *args, **kwargs)
+        before = state.progress.global_step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = original(state, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts["syncs"] += sum("synchronizing" in str(warning.message) for warning in caught)
+        counts["steps"] += state.progress.global_step - before
+        return result
+
+    train.train_one_epoch = counted
+    try:
+        timed_fit(project, overrides)
+    finally:
+        train.train_one_epoch = original
+    return counts["syncs"] / max(counts["steps"], 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=256, help="model.width (SmallCNN channels)")
@@ -139,18 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         rows: dict[tuple[str, str], list[dict[str, float]]] = {}
         for _ in range(args.repeats):
             for (label, (project, own)), workers in itertools.product(projects.items(), args.workers.split(",")):
-                overrides = [
-                    f"epochs={1 + args.epochs}",
-                    f"output_dir={workdir / f'run-{next(runs)}'}",
-                    "data.dataset=synthetic",
-                    f"data.synthetic_size={round(args.steps * args.batch_size / 0.98) + args.batch_size}",
-                    "data.val_fraction=0.02",
-                    f"data.batch_size={args.batch_size}",
-                    f"data.num_workers={workers}",
-                    f"model.width={args.width}",
-                    "log.progress_bar=false",
-                    *own,
-                ]
+                overrides = [*common_overrides(args, workdir / f"run-{next(runs)}", workers), *own]
                 rows.setdefault((label, workers), []).append(measure(project, overrides, synchronize))
         baseline = statistics.median(r["samples_per_s"] for r in next(iter(rows.values())))
         print(f"\n{'answers':32s} {'workers':>7s} {'samples/s':>10s} {'speed-up':>8s} {'stall':>6s}")
@@ -158,6 +239,31 @@ def main(argv: list[str] | None = None) -> None:
             rate = statistics.median(r["samples_per_s"] for r in results)
             stall = statistics.median(r["stall_share"] for r in results)
             print(f"{label:32s} {workers:>7s} {rate:10.0f} {rate / baseline:7.2f}x {stall:6.1%}")
+
+        label = "amp=bf16, compile=True"
+        if label not in projects:
+            print(f"\nno {label} render (the template does not offer it): no hand-written, unpinned or sync figures")
+            return
+        project, own = projects[label]
+        workers = args.workers.split(",")[0]
+
+        def overrides() -> list[str]:
+            return [*common_overrides(args, workdir / f"run-{next(runs)}", workers), *own]
+
+        rendered = statistics.median(result["samples_per_s"] for result in rows[label, workers])
+        repeats = range(args.repeats)
+        by_hand = statistics.median(hand_written(project, overrides(), device, synchronize) for _ in repeats)
+        plain = statistics.median(unpinned(project, overrides(), synchronize) for _ in repeats)
+        print(f"\n{label}, data.num_workers={workers}:")
+        print(f"  rendered loop      {rendered:10.0f} samples/s")
+        print(f"  hand-written loop  {by_hand:10.0f} samples/s  (rendered / hand-written: {rendered / by_hand:.3f})")
+        print(f"  rendered, unpinned {plain:10.0f} samples/s  (pinned / unpinned: {rendered / plain:.3f})")
+        if device == "cuda":
+            syncs = host_syncs_per_step(project, overrides())
+            print(f"  host syncs per step in train_one_epoch (torch.cuda.set_sync_debug_mode): {syncs:.3f}")
+        else:
+            reads, steps = count_host_reads(project, overrides())
+            print(f"  host reads per step in train_one_epoch (CPU dry run, wrapped reads): {reads / steps:.3f}")
 
 
 if __name__ == "__main__":

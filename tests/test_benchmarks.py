@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -55,7 +56,9 @@ def test_gpu_benchmark_dry_run_on_cpu_measures_every_amp_and_compile_answer():
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    table = result.stdout.split("samples/s")[-1].strip().splitlines()[1:]  # the rows under the header
+    _, rest = result.stdout.split(" samples/s ", 1)
+    table, extra = rest.split("\n\n", 1)
+    table = table.strip().splitlines()[1:]  # the rows under the header
     by_question = {q.name: q.options() for q in questions()}
     expected = {f"amp={amp}, compile={compile}" for amp in by_question["amp"] for compile in by_question["compile"]}
     measured = {}
@@ -65,3 +68,10 @@ def test_gpu_benchmark_dry_run_on_cpu_measures_every_amp_and_compile_answer():
         measured[label.strip()] = (float(samples_per_s), float(stall.rstrip("%")))
     assert set(measured) == expected
     assert all(rate > 0 and 0 <= stall < 100 for rate, stall in measured.values())
+    figures = dict(
+        re.findall(r"^  (rendered loop|hand-written loop|rendered, unpinned)\s+([\d.]+) samples/s", extra, re.M)
+    )
+    assert set(figures) == {"rendered loop", "hand-written loop", "rendered, unpinned"}, extra
+    assert all(float(value) > 0 for value in figures.values())
+    reads = re.search(r"host reads per step in train_one_epoch .*: ([\d.]+)", extra)
+    assert reads is not None and float(reads.group(1)) <= 1, extra  # one read per window at most
