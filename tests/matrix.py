@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from imagedata import write_image_folder  # noqa: E402
-from questionnaire import choice_questions, combinations, design_axes, pairwise  # noqa: E402
+from questionnaire import choice_questions, combinations, design_axes, pairwise, product_size  # noqa: E402
 from rendering import SMOKE_OVERRIDES, render, snapshot_template  # noqa: E402
 
 # Exhaustive tier, a smoke run: one epoch on 160 synthetic samples (128 for training) in global batches
@@ -70,13 +70,41 @@ BATCHES_PER_WORKER = 8
 DDP_WORLD_SIZE = 2
 
 
+# FSDP's own code depends on these design axes alone (where it runs, what is frozen, the precision of the
+# gathered parameters): the exhaustive tier crosses parallelism=fsdp with them, the other axes at their
+# defaults. Every FSDP combination trains two forked ranks and runs ~2.5x slower than DDP, so all of
+# them (3,456) would add ~30 minutes to the tier; the pairwise tier still pairs fsdp with every answer.
+FSDP_AXES = ("device", "freezing", "amp")
+
+
 def tier_combinations(tier: str) -> list[dict[str, Any]]:
-    """``pairwise``: a covering set over every choice question; ``exhaustive``: every design-axis combination."""
+    """``pairwise``: a covering set over every choice question; ``exhaustive``: every design-axis combination,
+    FSDP crossed with ``FSDP_AXES`` only."""
     if tier == "pairwise":
         return pairwise(choice_questions())
     if tier == "exhaustive":
-        return list(combinations(design_axes()))
+        others = [answers for answers in combinations(design_axes()) if answers.get("parallelism") != "fsdp"]
+        fsdp_axes = [axis for axis in design_axes() if axis in FSDP_AXES]
+        return others + list(combinations(fsdp_axes, {"parallelism": "fsdp"}))
     raise ValueError(f"unknown tier {tier!r}; valid tiers: pairwise, exhaustive")
+
+
+def exhaustive_size() -> int:
+    """How many combinations the exhaustive tier trains, counted from copier.yml (not enumerated)."""
+    axes = design_axes()
+    if "parallelism" not in axes:
+        return product_size(axes)
+    rest = [axis for axis in axes if axis != "parallelism"]
+    fsdp_axes = [axis for axis in axes if axis in FSDP_AXES]
+    fsdp = {"parallelism": "fsdp"}
+    return product_size(axes) - product_size(rest, fsdp) + product_size(fsdp_axes, fsdp)
+
+
+def fsdp_learner(combos: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The pairwise tier's one FSDP combination that learns (the first on in-memory data); the others run
+    smoke runs: an FSDP learning run takes ~20 s of a core (two ranks, eight epochs), ~2.5x DDP's."""
+    fsdp = (answers for answers in combos if answers.get("parallelism") == "fsdp")
+    return next((answers for answers in fsdp if answers.get("dataset") != "imagefolder"), None)
 
 
 # Worker environment: no wandb network or chatter; one thread each, since the workers fill the cores.
@@ -120,6 +148,7 @@ _TEMPLATE: Path | None = None
 _TIER = "pairwise"
 _OPTIONAL_OVERRIDES: tuple[str, ...] = ()
 _IMAGE_ROOT: Path | None = None
+_FSDP_LEARNER: dict[str, Any] | None = None
 
 
 def dataset_overrides(answers: dict[str, Any]) -> tuple[str, ...]:
@@ -195,10 +224,11 @@ def _reuse_copier_work() -> None:
         copier._template.get_repo = functools.cache(copier._template.get_repo)
 
 
-def _init_worker(template: str, tier: str, scratch: str) -> None:
-    global _TEMPLATE, _TIER, _OPTIONAL_OVERRIDES, _IMAGE_ROOT
+def _init_worker(template: str, tier: str, scratch: str, fsdp_learner: dict[str, Any] | None = None) -> None:
+    global _TEMPLATE, _TIER, _OPTIONAL_OVERRIDES, _IMAGE_ROOT, _FSDP_LEARNER
     _TEMPLATE = Path(template)
     _TIER = tier
+    _FSDP_LEARNER = fsdp_learner
     worker_dir = Path(scratch) / f"worker-{os.getpid()}"
     worker_dir.mkdir(exist_ok=True)
     _IMAGE_ROOT = write_image_folder(worker_dir / "images", per_class=30, size=8)
@@ -388,7 +418,7 @@ def run_one(answers: dict[str, Any], project: Path) -> Outcome:
         out = project / "runs" / "matrix"
         if answers.get("dataset") == "imagefolder":  # a tiny generated folder: a smoke run
             overrides = (*MATRIX_OVERRIDES, *dataset_overrides(answers), f"output_dir={out}")
-        elif _TIER == "pairwise":
+        elif _TIER == "pairwise" and (answers.get("parallelism") != "fsdp" or answers == _FSDP_LEARNER):
             amp = filter(None, [CPU_AMP.get(answers.get("amp"))])
             overrides = (*LEARNING_OVERRIDES, "data.dataset=digits", *amp, f"output_dir={out}")
         else:
@@ -488,7 +518,7 @@ def run_matrix(
         with context.Pool(
             workers,
             initializer=_init_worker,
-            initargs=(str(template), tier, scratch),
+            initargs=(str(template), tier, scratch, fsdp_learner(combos) if tier == "pairwise" else None),
             maxtasksperchild=BATCHES_PER_WORKER,
         ) as pool:
             outcomes = [outcome for batch in pool.imap_unordered(run_batch, batches) for outcome in batch]

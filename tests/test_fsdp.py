@@ -91,8 +91,9 @@ LOADS_INTO_THE_BARE_MODEL = """
 import sys, torch
 from pathlib import Path
 cfg = importlib.import_module(pkg + ".config").load_config(None, [])
-data = torch.load(Path(sys.argv[1]) / "state.pt", weights_only=True)["data"]
-model = importlib.import_module(pkg + ".model").build_model(cfg.model, importlib.import_module(pkg + ".data").DataInfo.from_dict(data))
+state = torch.load(Path(sys.argv[1]) / "state.pt", weights_only=True)
+info = importlib.import_module(pkg + ".data").DataInfo.from_dict(state["data"])
+model = importlib.import_module(pkg + ".model").build_model(cfg.model, info)
 model.load_state_dict(torch.load(Path(sys.argv[1]) / "model.pt", weights_only=True))
 """
 

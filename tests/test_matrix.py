@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from matrix import run_matrix, tier_combinations
+from matrix import exhaustive_size, run_matrix, tier_combinations
 from questionnaire import (
     Question,
     choice_questions,
@@ -96,7 +96,7 @@ def test_exhaustive_product_counted_from_copier_yml_equals_the_enumeration():
 
 def _run_tier(tier, record_property):
     combos = tier_combinations(tier)
-    expected = len(combos) if tier == "pairwise" else product_size(design_axes())
+    expected = len(combos) if tier == "pairwise" else exhaustive_size()
     result = run_matrix(combos, tier)
     message = (
         f"{tier} tier: {len(result.outcomes)} combinations rendered and trained (expected {expected}) "
@@ -109,9 +109,13 @@ def _run_tier(tier, record_property):
     assert len(result.outcomes) == expected
     assert all(outcome.summary["global_step"] >= 2 for outcome in result.outcomes)
     if tier == "exhaustive":
-        # Two DDP ranks split each global batch: the optimiser steps of one process (other answers at defaults).
+        # Two DDP or FSDP ranks split each global batch: the optimiser steps of one process (other answers at defaults).
         steps = {
-            ddp: {o.summary["global_step"] for o in result.outcomes if (o.answers.get("parallelism") == "ddp") == ddp}
+            ddp: {
+                o.summary["global_step"]
+                for o in result.outcomes
+                if (o.answers.get("parallelism") in ("ddp", "fsdp")) == ddp
+            }
             for ddp in (False, True)
         }
         if steps[True]:
