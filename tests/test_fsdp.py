@@ -3,7 +3,9 @@
 A checkpoint of an FSDP project is a directory (checkpoints/saves/step-N) that the links ``last``,
 ``best`` and ``step-N`` point at: DCP shards of the model and optimiser tensors, state.pt (the rest)
 and model.pt (the full model). The tests read the shards back without a process group through
-``dcp_to_torch_save``.
+``dcp_to_torch_save``. One render serves every test; it also has image folders, pretrained weights and
+sweeps, so that the features of other questions are tested with FSDP: debug runs, a torchvision model,
+evaluate, predict and ``pretrained.path`` on a checkpoint directory, a sweep's in-process trials.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from imagedata import write_image_folder
 from rendering import (
     SMOKE_OVERRIDES,
+    check,
     project_answers,
     project_env,
     render,
+    run_module,
     run_package_code,
     torchrun,
     train,
 )
+from test_debug import NAN_IN_BACKWARD_RUN
+from test_loop import COUNTING, LONG_EPOCH, assert_reads_bounded
 from test_preemption import wait_for_line
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -42,11 +49,12 @@ LONG_EPOCHS = (
 )
 
 
+ANSWERS = {"parallelism": "fsdp", "device": "cpu", "dataset": "imagefolder", "pretrained": True, "sweeps": True}
+
+
 @pytest.fixture(scope="module")
 def fsdp_project(template_dir, tmp_path_factory) -> Path:
-    return render(
-        template_dir, tmp_path_factory.mktemp("fsdp") / "fsdp-project", {"parallelism": "fsdp", "device": "cpu"}
-    )
+    return render(template_dir, tmp_path_factory.mktemp("fsdp") / "fsdp-project", ANSWERS)
 
 
 def torchrun_command(project: Path, *args: str) -> list[str]:
@@ -87,18 +95,40 @@ def assert_same_training_state(expected: dict, actual: dict) -> None:
             assert torch.equal(value, actual["optimizer"]["state"][param_id][name]), (param_id, name)
 
 
-LOADS_INTO_THE_BARE_MODEL = """
-import sys, torch
+# Restores the last checkpoint into a freshly sharded model on both ranks and compares its outputs with
+# the model that evaluate and predict rebuild from the checkpoint directory alone (its model.pt), on rank 0.
+SHARDED_AGAINST_MODEL_PT = """
+import importlib, os, sys
 from pathlib import Path
-cfg = importlib.import_module(pkg + ".config").load_config(None, [])
-state = torch.load(Path(sys.argv[1]) / "state.pt", weights_only=True)
-info = importlib.import_module(pkg + ".data").DataInfo.from_dict(state["data"])
-model = importlib.import_module(pkg + ".model").build_model(cfg.model, info)
-model.load_state_dict(torch.load(Path(sys.argv[1]) / "model.pt", weights_only=True))
+import torch
+pkg, last = sys.argv[1], Path(sys.argv[2])
+train = importlib.import_module(pkg + ".train")
+distributed = importlib.import_module(pkg + ".distributed")
+checkpoint = importlib.import_module(pkg + ".checkpoint")
+cfg = importlib.import_module(pkg + ".config").load_config(None, sys.argv[3:])
+device = distributed.setup(cfg)
+info = importlib.import_module(pkg + ".data").DataInfo.from_dict(checkpoint.load_checkpoint(last)["data"])
+state = train.build_state(cfg, device, 4, info)
+train.restore(state, cfg, last)
+inputs = torch.randn(6, *info.input_shape, generator=torch.Generator().manual_seed(0))
+state.model.eval()
+with torch.no_grad():
+    sharded = state.model(inputs)
+if distributed.is_main_process():
+    for path in (last, last / "model.pt"):
+        trained = checkpoint.load_trained_model(path, device="cpu")
+        assert not trained.model.training
+        with torch.no_grad():
+            bare = trained.model(inputs)
+        assert torch.equal(bare, sharded), (bare - sharded).abs().max()
+    print("outputs equal")
+distributed.teardown()
 """
 
 
-def test_fsdp_trains_with_two_torchrun_ranks_on_cpu_writes_checkpoint_directories_and_resumes(fsdp_project, tmp_path):
+def test_fsdp_trains_on_two_ranks_writes_checkpoint_directories_resumes_and_model_pt_is_the_sharded_model(
+    fsdp_project, tmp_path
+):
     out = tmp_path / "run"
     result = torchrun(fsdp_project, *UNEVEN, "epochs=2", f"output_dir={out}")
 
@@ -121,11 +151,17 @@ def test_fsdp_trains_with_two_torchrun_ranks_on_cpu_writes_checkpoint_directorie
     # model.pt: the full model with plain keys, for the bare model.
     model = torch.load(last / "model.pt", weights_only=True)
     assert not any(key.startswith(("module.", "_orig_mod.", "_fsdp")) for key in model)
-    run_package_code(fsdp_project, LOADS_INTO_THE_BARE_MODEL, str(last))
 
     resumed = torchrun(fsdp_project, *UNEVEN, "epochs=3", "resume=auto", f"output_dir={out}")
     assert f"resumed from {last} at step 8 (2 epochs completed)" in resumed.stdout
     assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 3
+
+    script = tmp_path / "compare.py"
+    script.write_text(SHARDED_AGAINST_MODEL_PT)
+    package = project_answers(fsdp_project)["package_name"]
+    result = run_torchrun(fsdp_project, str(script), package, str(last), *UNEVEN, f"output_dir={out}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "outputs equal" in result.stdout
 
 
 def test_sigterm_mid_epoch_then_resume_auto_matches_an_uninterrupted_run_bit_for_bit(fsdp_project, tmp_path):
@@ -197,49 +233,6 @@ def test_a_kill_9_during_a_save_leaves_the_previous_checkpoint_as_last_and_it_re
     assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 3
 
 
-# Restores the last checkpoint into a freshly sharded model on both ranks and compares its outputs with
-# the model that evaluate and predict rebuild from the checkpoint directory alone (its model.pt), on rank 0.
-SHARDED_AGAINST_MODEL_PT = """
-import importlib, os, sys
-from pathlib import Path
-import torch
-pkg, last = sys.argv[1], Path(sys.argv[2])
-train = importlib.import_module(pkg + ".train")
-distributed = importlib.import_module(pkg + ".distributed")
-checkpoint = importlib.import_module(pkg + ".checkpoint")
-cfg = importlib.import_module(pkg + ".config").load_config(None, sys.argv[3:])
-device = distributed.setup(cfg)
-info = importlib.import_module(pkg + ".data").DataInfo.from_dict(checkpoint.load_checkpoint(last)["data"])
-state = train.build_state(cfg, device, 4, info)
-train.restore(state, cfg, last)
-inputs = torch.randn(6, *info.input_shape, generator=torch.Generator().manual_seed(0))
-state.model.eval()
-with torch.no_grad():
-    sharded = state.model(inputs)
-if distributed.is_main_process():
-    for path in (last, last / "model.pt"):
-        trained = checkpoint.load_trained_model(path, device="cpu")
-        assert not trained.model.training
-        with torch.no_grad():
-            bare = trained.model(inputs)
-        assert torch.equal(bare, sharded), (bare - sharded).abs().max()
-    print("outputs equal")
-distributed.teardown()
-"""
-
-
-def test_the_consolidated_model_pt_gives_the_outputs_of_the_sharded_model(fsdp_project, tmp_path):
-    out = tmp_path / "run"
-    torchrun(fsdp_project, *UNEVEN, "epochs=1", f"output_dir={out}")
-    script = tmp_path / "compare.py"
-    script.write_text(SHARDED_AGAINST_MODEL_PT)
-    package = project_answers(fsdp_project)["package_name"]
-    last = out / "checkpoints/last"
-    result = run_torchrun(fsdp_project, str(script), package, str(last), *UNEVEN, f"output_dir={out}")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "outputs equal" in result.stdout
-
-
 STEPPED = (*SMOKE_OVERRIDES, "epochs=3", "deterministic=true", "checkpoint.every_n_steps=4", "log.every_n_steps=3")
 
 
@@ -261,10 +254,13 @@ def test_step_checkpoint_links_keep_the_newest_and_each_resumes_bit_for_bit(fsdp
 
 
 def test_activation_checkpointing_trains_the_same_weights_and_batchnorm_statistics(fsdp_project, tmp_path):
-    """The recomputation in the backward pass gives the same gradients and leaves running statistics alone."""
+    """The recomputation in the backward pass gives the same gradients and leaves running statistics alone.
+
+    In a world of one: the recomputation wraps each block's forward the same way on any number of ranks.
+    """
     overrides = (*UNEVEN, "epochs=1", "deterministic=true")
     for checkpointing in ("false", "true"):
-        torchrun(
+        train(
             fsdp_project,
             *overrides,
             f"fsdp.activation_checkpointing={checkpointing}",
@@ -274,3 +270,75 @@ def test_activation_checkpointing_trains_the_same_weights_and_batchnorm_statisti
         torch.load(tmp_path / name / "checkpoints/last/model.pt", weights_only=True) for name in ("false", "true")
     )
     assert all(torch.equal(plain[key], recomputed[key]) for key in plain)  # num_batches_tracked included
+
+
+def test_debug_runs_work_on_sharded_ranks(fsdp_project, tmp_path):
+    """fast_run writes nothing; overfit_batches with the profiler: a trace per rank; detect_anomaly names the op."""
+    fast = train(fsdp_project, *UNEVEN, "debug.fast_run=true", f"output_dir={tmp_path / 'fast'}")  # a world of one
+    assert "debug.fast_run passed" in fast.stdout and not (tmp_path / "fast").exists()
+
+    out = tmp_path / "profiled"
+    overrides = ("debug.profile=true", "debug.overfit_batches=1", "max_steps=6", f"output_dir={out}")
+    profiled = torchrun(fsdp_project, *UNEVEN, *overrides)
+    assert "debug.profile: trace written to" in profiled.stdout
+    traces = sorted(trace.name.split(".")[0] for trace in (out / "profile").glob("*.pt.trace.json"))
+    assert traces == ["rank0", "rank1"]
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 6
+
+    anomaly = (*SMOKE_OVERRIDES, "epochs=1", "debug.detect_anomaly=true", f"output_dir={tmp_path / 'anomaly'}")
+    result = run_package_code(fsdp_project, NAN_IN_BACKWARD_RUN, *anomaly)  # a world of one
+    assert result.returncode != 0
+    assert "Function 'SqrtBackward0' returned nan values" in result.stderr, result.stderr[-4000:]
+
+
+def test_a_torchvision_model_trains_sharded_and_its_checkpoint_directory_serves_evaluate_predict_and_pretrained(
+    fsdp_project, tmp_path
+):
+    images = write_image_folder(tmp_path / "pets", per_class=12, size=16)
+    data = ("data.dataset=imagefolder", f"data.root={images}", "data.image_size=16", "data.num_workers=0")
+    out = tmp_path / "run"
+    quick = (*data, "data.batch_size=8", "model.arch=resnet18", "log.progress_bar=false")
+    torchrun(fsdp_project, *quick, "epochs=1", f"output_dir={out}")
+    best = out / "checkpoints" / "best"
+    assert len(list(best.glob("*.distcp"))) == 2
+
+    evaluated = check(run_module(fsdp_project, "evaluate", str(best), "--device=cpu"), "evaluate", fsdp_project)
+    assert "samples of the val split" in evaluated.stdout
+    assert json.loads((out / "evaluations" / "best-val" / "evaluation.json").read_text())["samples"] == 7
+    pictures = [str(path) for path in sorted((images / "cat").glob("*.png"))[:3]]
+    args = (str(best / "model.pt"), *pictures, "--top-k=2", f"--cam={tmp_path / 'cams'}", "--device=cpu")
+    predicted = check(run_module(fsdp_project, "predict", *args), "predict", fsdp_project)
+    assert len(predicted.stdout.strip().splitlines()) == 3 and len(list((tmp_path / "cams").glob("*.png"))) == 3
+
+    tuned = train(fsdp_project, *quick, f"pretrained.path={best}", "max_steps=1", f"output_dir={tmp_path / 'tuned'}")
+    assert f"pretrained weights from {best}: loaded 122, missing 0, unexpected 0, skipped 0" in tuned.stdout
+
+
+def test_a_sweep_trains_its_trials_in_one_process_each_a_world_of_one(fsdp_project, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    arguments = ("--trials", "2", "--dir", str(sweep_dir), "optim.lr=1e-3:1e-2", "epochs=1")
+    result = check(run_module(fsdp_project, "sweep", *arguments, *SMOKE_OVERRIDES), "sweep", fsdp_project)
+    assert "trial 1: " in result.stdout
+    for trial in ("trial-0000", "trial-0001"):
+        assert (sweep_dir / trial / "checkpoints" / "best" / "model.pt").is_file()
+
+
+def test_each_fsdp_rank_reads_the_device_and_all_reduces_once_per_window(fsdp_project, tmp_path):
+    """As for DDP (test_loop): FSDP's own all-gathers and reduce-scatters run inside torch, not counted here."""
+    script = tmp_path / "counting.py"
+    package = project_answers(fsdp_project)["package_name"]
+    script.write_text(f"import importlib, os\npkg = {package!r}\n" + COUNTING)
+    record = tmp_path / "counts"
+    overrides = (
+        *LONG_EPOCH,
+        "data.batch_size=32",
+        "epochs=1",
+        "log.every_n_steps=50",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    result = run_torchrun(fsdp_project, str(script), *overrides, str(record))
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        counts = json.loads(Path(f"{record}.{rank}").read_text())
+        assert_reads_bounded(counts, 50)
+        assert counts["collectives"] == counts["reads"], counts
