@@ -34,7 +34,9 @@ OTHERS = {
     "freezing": "first_n",
     "loggers": [],
 }
-CASES = {"default": {}, "maximal": MAXIMAL, "others": OTHERS}
+# FSDP with what it changes: its own section and keys, checkpoint directories, EMA and accumulation notes.
+FSDP = {**MAXIMAL, "parallelism": "fsdp", "sync_batchnorm": False, "dataset": "imagefolder", "sweeps": True}
+CASES = {"default": {}, "maximal": MAXIMAL, "others": OTHERS, "fsdp": FSDP}
 for scheduler in ("step", "multistep", "exponential", "lambda", "onecycle", "none"):
     CASES[scheduler] = {"scheduler": scheduler}
 
