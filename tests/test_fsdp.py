@@ -11,6 +11,7 @@ evaluate, predict and ``pretrained.path`` on a checkpoint directory, a sweep's i
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -164,26 +165,32 @@ def test_fsdp_trains_on_two_ranks_writes_checkpoint_directories_resumes_and_mode
     assert "outputs equal" in result.stdout
 
 
-def test_sigterm_mid_epoch_then_resume_auto_matches_an_uninterrupted_run_bit_for_bit(fsdp_project, tmp_path):
+def test_sigterm_to_the_launcher_mid_epoch_then_resume_auto_matches_an_uninterrupted_run_bit_for_bit(
+    fsdp_project, tmp_path
+):
     package = project_answers(fsdp_project)["package_name"]
     straight = tmp_path / "straight"
     result = run_torchrun(fsdp_project, "-m", f"{package}.train", *LONG_EPOCHS, f"output_dir={straight}")
     assert result.returncode == 0, result.stderr[-4000:]
 
+    # Through scripts/train_single_node.sh (torchrun by way of preemption.py, 2 CPU ranks), as a user launches.
     out = tmp_path / "run"
-    agent = subprocess.Popen(
-        torchrun_command(fsdp_project, "-m", f"{package}.train", *LONG_EPOCHS, f"output_dir={out}"),
+    launcher = subprocess.Popen(
+        [str(fsdp_project / "scripts" / "train_single_node.sh"), *LONG_EPOCHS, f"output_dir={out}"],
         cwd=fsdp_project,
-        env=project_env(fsdp_project) | {"PYTHONUNBUFFERED": "1"},
+        env=project_env(fsdp_project)
+        | {"PYTHONUNBUFFERED": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for_line(agent, "epoch 1/2 |")
-    agent.send_signal(signal.SIGTERM)  # as a scheduler does: torchrun passes it on to every rank
-    stdout, stderr = agent.communicate(timeout=300)
+    wait_for_line(launcher, "epoch 1/2 |")
+    launcher.send_signal(signal.SIGTERM)  # as a scheduler does: torchrun passes it on to every rank
+    stdout, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 75, stdout + stderr[-4000:]  # preempted: saved, resumable
     assert "received SIGTERM: saved" in stdout, stdout + stderr[-4000:]
-    assert f"{package}/train.py" not in stderr and "ChildFailedError" not in stderr, stderr[-4000:]
+    assert "exit status 75 (preempted)" in stderr and "saving last;" in stderr, stderr[-4000:]
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-4000:]
     stopped = torch.load(out / "checkpoints/last/state.pt", weights_only=True)["progress"]
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
     assert not (out / "summary.json").exists()
