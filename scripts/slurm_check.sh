@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Prove a rendered project's scripts/slurm.sbatch against a real SLURM on this machine.
 #
-# Starts a one-host cluster (munged, MariaDB and slurmdbd for accounting, slurmctld, slurmd; no
-# systemd, all traffic on 127.0.0.1), renders a DDP project with device=cpu from this working tree,
-# submits its sbatch unedited except for a short time limit, and checks from sacct, scontrol and the
-# job's log that: the run saves at the time-limit warning mid-epoch, the job is requeued (recorded as
-# REQUEUED, with a COMPLETED batch step), every run resumes from the step the previous one saved, the
-# job ends COMPLETED 0:0, the log kept every run, and no traceback was printed.
+# Starts a one-host cluster (munged, MariaDB and slurmdbd for accounting, slurmctld, slurmd binding
+# tasks to their CPUs with task/affinity; no systemd, all traffic on 127.0.0.1), renders a DDP project
+# with device=cpu from this working tree, submits its sbatch unedited except for a short time limit,
+# and checks from sacct, scontrol and the job's log that: the run saves at the time-limit warning
+# mid-epoch, the job is requeued (recorded as REQUEUED, with a COMPLETED batch step), every run resumes
+# from the step the previous one saved, the job ends COMPLETED 0:0, the log kept every run, every run
+# had a rendezvous id of its own, and no traceback was printed.
 # Needs root; installs Debian's slurm-wlm, slurmdbd, munge and mariadb-server when missing (the
 # packages' services are not started). Stops every daemon it started.
 #   scripts/slurm_check.sh          KEEP=1 keeps the work directory, PYTHON=... picks the interpreter
@@ -14,6 +15,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$repo/.venv/bin/python}
+[[ -x "$python" ]] || { echo "FAIL: no $python: PYTHON=<python with torch and copier> $0" >&2 && exit 1; }
 work=$(mktemp -d /tmp/slurm-check.XXXXXX)
 pids=()
 cleanup() {
@@ -93,7 +95,7 @@ SlurmdPidFile=$work/slurmd.pid
 SlurmctldLogFile=$work/log/slurmctld.log
 SlurmdLogFile=$work/log/slurmd.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 MpiDefault=none
 MailProg=/bin/true
 SelectType=select/cons_tres
@@ -134,11 +136,9 @@ import sys
 from pathlib import Path
 
 from rendering import render, snapshot_template
-from test_launchers import wire_preempted_exit
 
 project = Path(sys.argv[1])
 render(snapshot_template(project.parent / "template"), project, {"parallelism": "ddp", "device": "cpu"})
-wire_preempted_exit(project)
 EOF
 
 # Epochs of 20 to 40 s on two cores, so that the warning lands mid-epoch. SLURM's time limits count
@@ -165,7 +165,8 @@ done
 info=$(scontrol show job "$job")
 log="$project/slurm-$job.out"
 echo "--- $log (trimmed)"
-grep -E 'time limit|received|resumed|requeueing|epoch [0-9]+/|torchrun:|Traceback|Error' "$log" | cut -c1-160 || true
+grep -E 'rendezvous|time limit|received|resumed|requeueing|epoch [0-9]+/|torchrun:|Traceback|Error' "$log" |
+    cut -c1-160 || true
 # Every run of the job (--duplicates) and its steps, as accounting recorded them.
 for _ in $(seq 30); do
     sacct --noheader --parsable2 --jobs="$job" --format=JobID,State | grep -q "^$job|COMPLETED" && break
@@ -180,8 +181,10 @@ echo "$runs"
 grep -q 'ExitCode=0:0' <<<"$info" || fail "job exit code $(grep -o 'ExitCode=[0-9:]*' <<<"$info")"
 restarts=$(grep -o 'Restarts=[0-9]*' <<<"$info" | cut -d= -f2)
 ((restarts >= 1)) || fail "the job was never requeued"
-mapfile -t saved < <(sed -nE 's/^received SIGTERM: saved .* at epoch [0-9]+, step ([0-9]+);.*/\1/p' "$log")
-mapfile -t resumed < <(sed -nE 's/^resumed from .*: epoch [0-9]+, step ([0-9]+)$/\1/p' "$log")
+# train.py's lines: "received SIGTERM: saved <last.pt> at step N (epoch E, B batches in); ..." and
+# "resumed from <last.pt> at step N (epoch E, B batches in)".
+mapfile -t saved < <(sed -nE 's/^received SIGTERM: saved .* at step ([0-9]+) \(.*\); resume with .*/\1/p' "$log")
+mapfile -t resumed < <(sed -nE 's/^resumed from .* at step ([0-9]+) \(.*\)$/\1/p' "$log")
 ((${#saved[@]} == restarts)) || fail "$restarts requeues but ${#saved[@]} saves at the warning"
 [[ "${saved[*]}" == "${resumed[*]}" ]] || fail "saved at steps ${saved[*]} but resumed at ${resumed[*]}"
 steps=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["global_step"])' "$work/run/summary.json")
@@ -189,9 +192,14 @@ steps_per_epoch=$((steps / epochs))
 for step in "${saved[@]}"; do
     ((step % steps_per_epoch != 0)) || fail "step $step is an epoch boundary, not mid-epoch"
 done
+(($(grep -c '^received SIGTERM: saved .* batches in); ' "$log") == restarts)) || fail "a save was not mid-epoch"
 (($(grep -c "^epoch 1/$epochs |" "$log") == 1)) && grep -q "^epoch $epochs/$epochs |" "$log" ||
     fail "the log lost a run's lines"
 ! grep -q Traceback "$log" || fail "a traceback in $log"
+# Every run a rendezvous of its own: slurm-<job>-<requeues>, from SLURM_RESTART_COUNT in the step.
+mapfile -t rdzv < <(sed -nE 's/^train_multi_node.sh: .* rendezvous ([^ ]+) at .*/\1/p' "$log")
+[[ "${rdzv[*]}" == "$(for run in $(seq 0 "$restarts"); do echo "slurm-$job-$run"; done | xargs)" ]] ||
+    fail "rendezvous ids ${rdzv[*]}"
 # Each requeued run: the job REQUEUED, its batch step COMPLETED, its training step exit code 75
 # (preempted; SLURM calls every non-zero step FAILED); the last run COMPLETED 0:0 throughout.
 requeued="$job|REQUEUED|0:0 $job.batch|COMPLETED|0:0 $job.0|FAILED|75:0"
@@ -199,4 +207,4 @@ expected="$(for _ in $(seq "$restarts"); do echo "$requeued"; done) $job|COMPLET
 expected="$expected $job.batch|COMPLETED|0:0 $job.0|COMPLETED|0:0"
 [[ "$(xargs <<<"$runs")" == "$(xargs <<<"$expected")" ]] || fail "accounting recorded: $(xargs <<<"$runs")"
 echo "PASS: saved at steps ${saved[*]} (of $steps, $steps_per_epoch per epoch), requeued $restarts time(s),"
-echo "      resumed at steps ${resumed[*]}, COMPLETED 0:0"
+echo "      resumed at steps ${resumed[*]}, rendezvous ${rdzv[*]}, COMPLETED 0:0"

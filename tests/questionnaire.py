@@ -84,6 +84,20 @@ class Question:
             return [False, True]
         return []
 
+    def pairwise_options(self) -> list[Any]:
+        """The answers a pairwise covering set combines: ``options()``, but a multi-select counts as one
+        yes/no factor per choice, not as 2**n answers.
+
+        Its answers are none, all, and all but one for each choice: every two choices are then seen
+        on/on, off/off, on/off and off/on, and pairing these answers with another question's puts each
+        choice both on and off beside each of that question's answers.
+        """
+        if not self.multiselect:
+            return self.options()
+        every = list(self.choices)
+        subsets = [[], every, *([choice for choice in every if choice != left_out] for left_out in every)]
+        return [subset for i, subset in enumerate(subsets) if subset not in subsets[:i]]
+
     def is_asked(self, answers: dict[str, Any]) -> bool:
         return copier_bool(render_value(self.when, answers))
 
@@ -303,8 +317,8 @@ def _possible_pairs(names: list[str], specs: tuple[Question, ...]) -> dict[Pair,
     possible = {}
     for i, n1 in enumerate(names):
         for n2 in names[i + 1 :]:
-            for v1 in by_name[n1].options():
-                for v2 in by_name[n2].options():
+            for v1 in by_name[n1].pairwise_options():
+                for v2 in by_name[n2].pairwise_options():
                     witness = _witness({n1: v1, n2: v2}, specs)
                     if witness is not None:
                         possible[((n1, _freeze(v1)), (n2, _freeze(v2)))] = witness
@@ -319,14 +333,15 @@ def pairwise(names: list[str] | None = None, specs: tuple[Question, ...] | None 
     question, in questionnaire order, the answer that covers the most uncovered pairs with the answers
     chosen so far, ties to the earlier option, never one that would un-ask the seed pair. Combinations
     are completed with the questionnaire's own resolution, so a question not asked is absent and an
-    impossible pair is never required. Every answer of every question appears at least once.
+    impossible pair is never required. Every answer of every question appears at least once; a
+    multi-select's answers are ``Question.pairwise_options`` (one yes/no factor per choice).
     ``specs`` replaces copier.yml's questions (to test the generator itself).
     """
     specs = specs or questions()
     by_name = {q.name: q for q in specs}
     names = names or [q.name for q in specs if q.options()]
     resolve = _resolver(specs)
-    options = {name: by_name[name].options() for name in names}
+    options = {name: by_name[name].pairwise_options() for name in names}
     order = {name: i for i, name in enumerate(names)}
     possible = _possible_pairs(names, specs)
     uncovered = set(possible)

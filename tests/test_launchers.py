@@ -8,10 +8,12 @@ real SLURM (pytest -m slurm).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from rendering import project_answers, project_env, render
+from rendering import PREEMPTED_EXIT_CODE, project_answers, project_env, render
 
 SCRIPTS = ["slurm.sbatch", "train_multi_node.sh", "train_single_node.sh"]
 
@@ -54,14 +56,22 @@ def test_launch_scripts_are_executable_bash(cpu_project, gpu_project):
             assert check.returncode == 0, check.stderr
 
 
-def test_sbatch_asks_for_gpus_only_in_gpu_renders_and_comments_every_resource(cpu_project, gpu_project):
+@pytest.fixture(scope="module")
+def auto_project(template_dir, tmp_path_factory) -> Path:
+    """DDP with the other answers at their defaults: device=auto (CUDA when present), gpu_ids "0"."""
+    return render(template_dir, tmp_path_factory.mktemp("launchers") / "auto-project", {"parallelism": "ddp"})
+
+
+def test_sbatch_asks_for_gpus_only_in_gpu_renders_and_comments_every_resource(cpu_project, gpu_project, auto_project):
     cpu = sbatch_options(cpu_project / "scripts/slurm.sbatch")
     gpu = sbatch_options(gpu_project / "scripts/slurm.sbatch")
+    auto = sbatch_options(auto_project / "scripts/slurm.sbatch")
     assert not any("gpu" in name or "gres" in name for name in cpu), cpu
     assert gpu["gpus-per-node"].startswith("3 ")  # one per entry of gpu_ids
+    assert auto["gpus-per-node"].startswith("1 ")  # device=auto trains on the GPU a node has
     # A small CPU node runs the CPU render unedited: one node, two cores.
     assert cpu["nodes"].startswith("1 ") and cpu["cpus-per-task"].startswith("2 ")
-    for options in (cpu, gpu):
+    for options in (cpu, gpu, auto):
         for name in ("nodes", "ntasks-per-node", "cpus-per-task", "time", "signal", "open-mode"):
             assert "# " in options[name], f"--{name} has no comment saying what to change"
         assert options["open-mode"].startswith("append")  # a requeued run keeps the earlier runs' log
@@ -109,6 +119,13 @@ def test_nproc_follows_cuda_visible_devices_then_gpu_ids_and_nproc_wins(gpu_proj
         assert torchrun_flag(launch_command(gpu_project, script, tmp_path, NPROC="1", **env), "nproc-per-node") == "1"
 
 
+def test_nproc_on_the_cpu_is_two_unless_set(cpu_project, tmp_path):
+    for script in ("train_single_node.sh", "train_multi_node.sh"):
+        env = {"NNODES": "1", "RDZV_HOST": "localhost", "RDZV_ID": "test"}
+        assert torchrun_flag(launch_command(cpu_project, script, tmp_path, **env), "nproc-per-node") == "2"
+        assert torchrun_flag(launch_command(cpu_project, script, tmp_path, NPROC="3", **env), "nproc-per-node") == "3"
+
+
 def test_rendezvous_id_is_required_outside_slurm_and_new_for_every_slurm_run(cpu_project, tmp_path):
     env = {"NNODES": "2", "RDZV_HOST": "node0"}
     missing = launch_command(cpu_project, "train_multi_node.sh", tmp_path, **env)
@@ -117,7 +134,8 @@ def test_rendezvous_id_is_required_outside_slurm_and_new_for_every_slurm_run(cpu
     requeued = launch_command(
         cpu_project, "train_multi_node.sh", tmp_path, SLURM_JOB_ID="812", SLURM_RESTART_COUNT="1", **env
     )
-    assert torchrun_flag(first, "rdzv-id") != torchrun_flag(requeued, "rdzv-id")
+    assert torchrun_flag(first, "rdzv-id") == "slurm-812-0" and torchrun_flag(requeued, "rdzv-id") == "slurm-812-1"
+    assert "rendezvous slurm-812-1 at node0:29400" in requeued.stderr  # each launch names its rendezvous
     assert (
         torchrun_flag(launch_command(cpu_project, "train_multi_node.sh", tmp_path, RDZV_ID="mine", **env), "rdzv-id")
         == "mine"
@@ -137,8 +155,11 @@ SLURM_ENV = {
 }
 
 
-def run_sbatch(project: Path, tmp_path: Path, srun_body: str, send_usr1: bool = False) -> tuple[int, str]:
+def run_sbatch(
+    project: Path, tmp_path: Path, srun_body: str, send_usr1: bool = False, **slurm_env: str
+) -> tuple[int, str]:
     """Run the sbatch script as SLURM's batch shell would, with stubs logging every SLURM command."""
+    tmp_path.mkdir(exist_ok=True)
     log = tmp_path / "slurm-calls.log"
     bin_dir = fake_bin(
         tmp_path,
@@ -150,7 +171,7 @@ def run_sbatch(project: Path, tmp_path: Path, srun_body: str, send_usr1: bool = 
     batch = subprocess.Popen(
         ["bash", str(project / "scripts/slurm.sbatch"), "epochs=3"],
         cwd=project,
-        env=env | SLURM_ENV | {"PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        env=env | SLURM_ENV | slurm_env | {"PATH": f"{bin_dir}:{os.environ['PATH']}"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -173,6 +194,17 @@ def test_sbatch_time_limit_warning_stops_the_step_with_sigterm_and_requeues(cpu_
     assert status == 0, calls
 
 
+def test_sbatch_starts_a_worker_per_gpu_slurm_gave_or_per_core_on_the_cpu(cpu_project, gpu_project, tmp_path):
+    _, calls = run_sbatch(gpu_project, tmp_path / "gpus", "exit 0", SLURM_GPUS_ON_NODE="4")
+    assert "srun NPROC=4 " in calls
+    _, calls = run_sbatch(gpu_project, tmp_path / "no-gpus", "exit 0")  # train_multi_node.sh counts
+    assert "srun NPROC= " in calls  # CUDA_VISIBLE_DEVICES or gpu_ids (test_nproc_follows_...)
+    _, calls = run_sbatch(cpu_project, tmp_path / "cores", "exit 0", SLURM_CPUS_PER_TASK="6")
+    assert "srun NPROC=6 " in calls
+    _, calls = run_sbatch(cpu_project, tmp_path / "nproc", "exit 0", SLURM_CPUS_PER_TASK="6", NPROC="3")
+    assert "srun NPROC=3 " in calls
+
+
 def test_sbatch_does_not_requeue_a_finished_or_failed_run(cpu_project, tmp_path):
     status, calls = run_sbatch(cpu_project, tmp_path, "exit 0")
     assert status == 0 and "requeue" not in calls
@@ -193,7 +225,7 @@ def start_script(project: Path, script: str, log: Path, *overrides: str, **env: 
             env=full_env,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # the test can end the launcher and its workers as one group
+            start_new_session=True,  # a group for the launcher; torchrun starts each worker in a session of its own
         )
 
 
@@ -205,11 +237,35 @@ def wait_for(log: Path, text: str, processes: list[subprocess.Popen], timeout: f
         time.sleep(0.1)
 
 
+def workers_of(launcher: subprocess.Popen) -> list[int]:
+    """The worker processes torchrun started (its children; each in a session of its own)."""
+    found = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # ended already
+            os.kill(pid, signal.SIGKILL)
+
+
 def stop_all(processes: list[subprocess.Popen]) -> None:
     for process in processes:
         if process.poll() is None:
+            workers = workers_of(process)
             os.killpg(process.pid, signal.SIGKILL)
+            kill(workers)
             process.wait()
+
+
+def listening(port: int) -> bool:
+    """Whether a process on this machine listens on TCP ``port`` (Linux's /proc/net)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
 
 
 EPOCHS = ("data.dataset=synthetic", "data.synthetic_size=4096", "data.batch_size=16", "log.progress_bar=false")
@@ -257,3 +313,79 @@ def test_two_node_launch_on_loopback_resumes_after_a_worker_is_killed(cpu_projec
     assert statuses == [0, 0], text[-4000:]
     assert "resumed from" in text, text[-4000:]
     assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 3
+
+
+def start_two_nodes(
+    project: Path, tmp_path: Path, *overrides: str, **env: str
+) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Two launchers of one worker each as two nodes on loopback; node0 starts first and so holds the rendezvous."""
+    with socket.socket() as probe:  # a port free now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        "NNODES": "2",
+        "NPROC": "1",
+        "RDZV_HOST": "127.0.0.1",
+        "RDZV_ID": uuid.uuid4().hex,
+        "RDZV_PORT": str(port),
+    } | env
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    common = (*EPOCHS, "epochs=3", f"output_dir={tmp_path / 'run'}", *overrides)
+    nodes = [start_script(project, "train_multi_node.sh", logs[0], *common, **env)]
+    deadline = time.monotonic() + 60
+    while not listening(port):
+        assert time.monotonic() < deadline and nodes[0].poll() is None, logs[0].read_text()[-3000:]
+        time.sleep(0.1)
+    nodes.append(start_script(project, "train_multi_node.sh", logs[1], *common, **env))
+    return nodes, logs
+
+
+def test_two_node_launch_fails_within_rdzv_timeout_when_a_node_dies(cpu_project, tmp_path):
+    """kill -9 of a whole node (its torchrun and its worker) after the first epoch.
+
+    The other node's worker fails at its next collective and its torchrun restarts it, but the
+    restart cannot gather two nodes: it fails after RDZV_TIMEOUT seconds instead of waiting for ever.
+    """
+    rdzv_timeout = 20
+    nodes, logs = start_two_nodes(cpu_project, tmp_path, RDZV_TIMEOUT=str(rdzv_timeout))
+    try:
+        wait_for(logs[0], "epoch 1/3 |", nodes)
+        lost = workers_of(nodes[1])
+        assert lost, logs[1].read_text()
+        os.killpg(nodes[1].pid, signal.SIGKILL)
+        kill(lost)
+        killed = time.monotonic()
+        status = nodes[0].wait(timeout=rdzv_timeout + 90)
+        waited = time.monotonic() - killed
+    finally:
+        stop_all(nodes)
+    text = logs[0].read_text()
+    assert status not in (0, PREEMPTED_EXIT_CODE) and "RendezvousTimeoutError" in text, text[-4000:]
+    assert rdzv_timeout <= waited < rdzv_timeout + 60, waited
+
+
+def test_a_hung_worker_ends_the_launch_within_dist_timeout_and_rdzv_timeout(cpu_project, tmp_path):
+    """SIGSTOP of one node's worker after the first epoch: alive, so torchrun sees nothing wrong.
+
+    The other rank fails when its collective has waited dist_timeout_s; the restart that follows
+    resumes or fails within RDZV_TIMEOUT, so both launchers end in bounded time.
+    """
+    dist_timeout, rdzv_timeout = 15, 15
+    nodes, logs = start_two_nodes(
+        cpu_project, tmp_path, f"dist_timeout_s={dist_timeout}", RDZV_TIMEOUT=str(rdzv_timeout)
+    )
+    hung: list[int] = []
+    try:
+        wait_for(logs[0], "epoch 1/3 |", nodes)
+        hung = workers_of(nodes[1])
+        assert hung, logs[1].read_text()
+        os.kill(hung[0], signal.SIGSTOP)
+        stopped = time.monotonic()
+        bound = dist_timeout + rdzv_timeout + 60  # torchrun also waits up to 30 s for the hung worker to stop
+        for node in nodes:
+            node.wait(timeout=max(1.0, bound - (time.monotonic() - stopped)))
+    finally:
+        kill(hung)
+        stop_all(nodes)
+    text = logs[0].read_text()
+    assert f"Timed out waiting {dist_timeout * 1000}ms" in text, text[-4000:]

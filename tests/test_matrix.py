@@ -25,12 +25,19 @@ from questionnaire import (
 from rendering import run_project_tests
 
 
-def _all_pairs(rows, names):
-    return {
-        ((a, repr(row[a])), (b, repr(row[b])))
-        for row in rows
-        for a, b in itertools.combinations([n for n in names if n in row], 2)
-    }
+def _all_pairs(rows, names, multiselect=()):
+    """Every pair of answers the rows hold; a multi-select in ``multiselect`` as one yes/no per choice."""
+
+    def factors(row):
+        for name in names:
+            if name not in row:
+                continue
+            if name in multiselect:
+                yield from ((f"{name}[{choice}]", choice in row[name]) for choice in multiselect[name])
+            else:
+                yield name, repr(row[name])
+
+    return {pair for row in rows for pair in itertools.combinations(list(factors(row)), 2)}
 
 
 SYNTHETIC = (
@@ -62,13 +69,15 @@ def test_pairwise_set_covers_every_possible_pair_of_a_synthetic_questionnaire():
     rows = pairwise(names, specs=SYNTHETIC)
     everything, _ = _synthetic_exhaustive()
 
-    # Every pair that some full combination holds, found by brute force, is in the covering set.
-    assert _all_pairs(everything, names) <= _all_pairs(rows, names)
+    # Every pair that some full combination holds, found by brute force, is in the covering set, the
+    # multi-select counted as one yes/no per choice (every choice on and off beside every other answer).
+    multiselect = {"extras": SYNTHETIC[3].choices}
+    assert _all_pairs(everything, names, multiselect) <= _all_pairs(rows, names, multiselect)
     # ...and the set holds no impossible pair: precision only appears with a GPU.
     assert all(row["gpu"] for row in rows if "precision" in row)
     assert not any("precision" in row for row in rows if not row["gpu"])
-    # every subset of the multi-select is some row's answer; far fewer rows than the 3*2*(1+3)*8*2 product
-    assert {tuple(row["extras"]) for row in rows} == {tuple(option) for option in SYNTHETIC[3].options()}
+    # the multi-select's answers are none, all and all-but-one; far fewer rows than the 3*2*(1+3)*8*2 product
+    assert {tuple(row["extras"]) for row in rows} == {(), ("a", "b", "c"), ("b", "c"), ("a", "c"), ("a", "b")}
     assert len(rows) < len(everything) / 4
     assert rows == pairwise(names, specs=SYNTHETIC), "the covering set must be deterministic"
 
@@ -80,7 +89,18 @@ def test_pairwise_set_covers_every_pair_and_every_answer_of_copier_yml():
     for name in names:
         q = next(q for q in questions() if q.name == name)
         used = {repr(row[name]) for row in rows if name in row}
-        assert used == {repr(option) for option in q.options()}, name
+        assert used == {repr(option) for option in q.pairwise_options()}, name
+
+
+def test_a_multi_select_is_paired_as_one_yes_no_factor_per_choice():
+    """Its pairwise answers hold every two choices on/on, on/off, off/on and off/off, each choice on and off."""
+    extras = Question("extras", "str", ("a", "b", "c", "d"), True, [], True)
+    answers = extras.pairwise_options()
+    assert len(answers) == 2 + 4
+    for first, second in itertools.combinations(extras.choices, 2):
+        seen = {(first in answer, second in answer) for answer in answers}
+        assert seen == {(True, True), (True, False), (False, True), (False, False)}, (first, second)
+    assert Question("one", "str", ("a",), True, [], True).pairwise_options() == [[], ["a"]]
 
 
 def test_exhaustive_product_counted_from_copier_yml_equals_the_enumeration():

@@ -1,8 +1,9 @@
 """scripts/slurm.sbatch under a real SLURM: saved at the time-limit warning, requeued, resumed, COMPLETED.
 
-scripts/slurm_check.sh starts a one-host cluster (munged, slurmctld, slurmd on 127.0.0.1), submits a
-device=cpu render's sbatch with a three-minute limit and checks the job's states and log; it takes
-ten to fifteen minutes. Run with ``pytest -m slurm`` as root (it installs slurm-wlm and munge when missing).
+scripts/slurm_check.sh starts a one-host cluster (munged, MariaDB and slurmdbd, slurmctld, slurmd on
+127.0.0.1), submits a device=cpu render's sbatch with a three-minute limit and checks the job's states
+in scontrol and sacct and its log; it takes ten to fifteen minutes. Run with ``pytest -m slurm`` as
+root (it installs slurm-wlm, slurmdbd, munge and mariadb-server when missing).
 """
 
 from __future__ import annotations
