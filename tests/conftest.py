@@ -39,16 +39,18 @@ def render_project(template_dir, tmp_path_factory):
 def pytest_configure(config):
     config.addinivalue_line("markers", "exhaustive: the exhaustive combination matrix (run with: pytest -m exhaustive)")
     config.addinivalue_line("markers", "slurm: a real one-host SLURM cluster, needs root (run with: pytest -m slurm)")
+    config.addinivalue_line("markers", "cluster: multi-node failures waiting out timeouts (pytest -m cluster)")
 
 
 ASKED_FOR_BY_MARKER = {
     "exhaustive": "exhaustive matrix tier: run with pytest -m exhaustive",
     "slurm": "starts SLURM daemons: run with pytest -m slurm",
+    "cluster": "waits out rendezvous and collective timeouts: run with pytest -m cluster",
 }
 
 
 def pytest_collection_modifyitems(config, items):
-    """The exhaustive tier and the SLURM check run only when asked for by marker: ``pytest -m slurm``."""
+    """The exhaustive tier, the SLURM check and the cluster failures run only when asked for by marker."""
     for marker, reason in ASKED_FOR_BY_MARKER.items():
         if marker in (config.option.markexpr or ""):
             continue

@@ -75,3 +75,21 @@ def test_gpu_benchmark_dry_run_on_cpu_measures_every_amp_and_compile_answer():
     assert all(float(value) > 0 for value in figures.values())
     reads = re.search(r"host reads per step in train_one_epoch .*: ([\d.]+)", extra)
     assert reads is not None and float(reads.group(1)) <= 1, extra  # one read per window at most
+
+
+def test_parallel_benchmark_quick_mode_times_ddp_and_fsdp_and_fsdp_ranks_hold_half(tmp_path):
+    out = tmp_path / "figures.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "parallel_bench.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"ddp", "fsdp", "fsdp, reshard_after_forward=false"}
+    assert all(figure["step_ms"] and min(figure["step_ms"]) > 0 for figure in figures.values())
+    held = {name: figure["held"]["parameters"] + figure["held"]["optimizer"] for name, figure in figures.items()}
+    # Each of two FSDP ranks holds about half of the parameters and optimiser state that a DDP rank holds.
+    assert 0.4 < held["fsdp"] / held["ddp"] < 0.6, held
+    assert [line.split()[0] for line in result.stdout.splitlines()[-3:]] == ["ddp", "fsdp", "fsdp,"]

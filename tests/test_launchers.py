@@ -340,6 +340,7 @@ def start_two_nodes(
     return nodes, logs
 
 
+@pytest.mark.cluster  # waits out timeouts: about a minute and a half of the default run
 def test_two_node_launch_fails_within_rdzv_timeout_when_a_node_dies(cpu_project, tmp_path):
     """kill -9 of a whole node (its torchrun and its worker) after the first epoch.
 
@@ -364,6 +365,7 @@ def test_two_node_launch_fails_within_rdzv_timeout_when_a_node_dies(cpu_project,
     assert rdzv_timeout <= waited < rdzv_timeout + 60, waited
 
 
+@pytest.mark.cluster  # waits out timeouts: about a minute and a half of the default run
 def test_a_hung_worker_ends_the_launch_within_dist_timeout_and_rdzv_timeout(cpu_project, tmp_path):
     """SIGSTOP of one node's worker after the first epoch: alive, so torchrun sees nothing wrong.
 
