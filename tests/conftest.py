@@ -40,17 +40,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "exhaustive: the exhaustive combination matrix (run with: pytest -m exhaustive)")
     config.addinivalue_line("markers", "slurm: a real one-host SLURM cluster, needs root (run with: pytest -m slurm)")
     config.addinivalue_line("markers", "cluster: multi-node failures waiting out timeouts (pytest -m cluster)")
+    config.addinivalue_line("markers", "slow: heavier scenarios beyond the default run's budget (pytest -m slow)")
 
 
 ASKED_FOR_BY_MARKER = {
     "exhaustive": "exhaustive matrix tier: run with pytest -m exhaustive",
     "slurm": "starts SLURM daemons: run with pytest -m slurm",
     "cluster": "waits out rendezvous and collective timeouts: run with pytest -m cluster",
+    "slow": "a heavier scenario, outside the default run's 15 minutes: run with pytest -m slow",
 }
 
 
 def pytest_collection_modifyitems(config, items):
-    """The exhaustive tier, the SLURM check and the cluster failures run only when asked for by marker."""
+    """The exhaustive tier, the SLURM check, the cluster failures and the slow scenarios run only when asked for."""
     for marker, reason in ASKED_FOR_BY_MARKER.items():
         if marker in (config.option.markexpr or ""):
             continue

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from questionnaire import TEMPLATE_ROOT, questions
 
 BENCHMARKS = TEMPLATE_ROOT / "benchmarks"
@@ -77,6 +78,7 @@ def test_gpu_benchmark_dry_run_on_cpu_measures_every_amp_and_compile_answer():
     assert reads is not None and float(reads.group(1)) <= 1, extra  # one read per window at most
 
 
+@pytest.mark.slow  # two torchrun launches per contender: half a minute
 def test_parallel_benchmark_quick_mode_times_ddp_and_fsdp_and_fsdp_ranks_hold_half(tmp_path):
     out = tmp_path / "figures.json"
     result = subprocess.run(

@@ -279,6 +279,7 @@ def test_activation_checkpointing_trains_the_same_weights_and_batchnorm_statisti
     assert all(torch.equal(plain[key], recomputed[key]) for key in plain)  # num_batches_tracked included
 
 
+@pytest.mark.slow
 def test_debug_runs_work_on_sharded_ranks(fsdp_project, tmp_path):
     """fast_run writes nothing; overfit_batches with the profiler: a trace per rank; detect_anomaly names the op."""
     fast = train(fsdp_project, *UNEVEN, "debug.fast_run=true", f"output_dir={tmp_path / 'fast'}")  # a world of one
@@ -298,6 +299,7 @@ def test_debug_runs_work_on_sharded_ranks(fsdp_project, tmp_path):
     assert "Function 'SqrtBackward0' returned nan values" in result.stderr, result.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_a_torchvision_model_trains_sharded_and_its_checkpoint_directory_serves_evaluate_predict_and_pretrained(
     fsdp_project, tmp_path
 ):

@@ -199,7 +199,13 @@ OWN_TEST_ANSWERS = {
 }
 
 
-@pytest.mark.parametrize("answers", OWN_TEST_ANSWERS.values(), ids=OWN_TEST_ANSWERS)
+@pytest.mark.parametrize(
+    "answers",
+    [
+        pytest.param(OWN_TEST_ANSWERS["every-feature-ddp"], id="every-feature-ddp", marks=pytest.mark.slow),
+        pytest.param(OWN_TEST_ANSWERS["dataparallel-onecycle-accumulation"], id="dataparallel-onecycle-accumulation"),
+    ],
+)
 def test_feature_rich_projects_pass_their_own_tests(render_project, answers):
     result = run_project_tests(render_project(**answers))
     assert result.returncode == 0, result.stdout[-4000:]
