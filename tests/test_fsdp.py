@@ -33,7 +33,7 @@ from rendering import (
 )
 from test_debug import NAN_IN_BACKWARD_RUN
 from test_loop import COUNTING, LONG_EPOCH, assert_reads_bounded
-from test_preemption import wait_for_line
+from test_preemption import assert_same_training_state, wait_for_line
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 # 85 synthetic samples: 68 to train (34 per rank, 4 steps of 8 each), 17 to validate: 9 on rank 0 and
@@ -82,18 +82,6 @@ def checkpoint_state(checkpoint: Path, scratch: Path) -> dict:
     shards = torch.load(scratch / "shards.pt", weights_only=True)
     state["model"], state["optimizer"]["state"] = shards["model"], shards["optimizer"]["state"]
     return state
-
-
-def assert_same_training_state(expected: dict, actual: dict) -> None:
-    assert expected["progress"]["global_step"] == actual["progress"]["global_step"]
-    assert expected["progress"]["epoch"] == actual["progress"]["epoch"]
-    assert expected["model"].keys() == actual["model"].keys()
-    for key, tensor in expected["model"].items():
-        assert torch.equal(tensor, actual["model"][key]), key
-    assert expected["optimizer"]["state"].keys() == actual["optimizer"]["state"].keys()
-    for param_id, moments in expected["optimizer"]["state"].items():
-        for name, value in moments.items():
-            assert torch.equal(value, actual["optimizer"]["state"][param_id][name]), (param_id, name)
 
 
 # Restores the last checkpoint into a freshly sharded model on both ranks and compares its outputs with
