@@ -33,21 +33,14 @@ from rendering import (
 )
 from test_debug import NAN_IN_BACKWARD_RUN
 from test_loop import COUNTING, LONG_EPOCH, assert_reads_bounded
-from test_preemption import assert_same_training_state, wait_for_line
+from test_preemption import DDP_EPOCHS, assert_same_training_state, wait_for_line
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 # 85 synthetic samples: 68 to train (34 per rank, 4 steps of 8 each), 17 to validate: 9 on rank 0 and
 # 8 on rank 1, so rank 0 runs one validation batch more and rank 1 must join its forward.
 UNEVEN = ("data.dataset=synthetic", "data.synthetic_size=85", "data.batch_size=16", "log.progress_bar=false")
-# About 50 steps per rank and epoch: a SIGTERM sent after epoch 1's line lands mid-epoch 2.
-LONG_EPOCHS = (
-    "data.dataset=synthetic",
-    "data.synthetic_size=2048",
-    "data.batch_size=16",
-    "log.progress_bar=false",
-    "deterministic=true",
-    "epochs=2",
-)
+# About 50 steps per rank and epoch, as in test_preemption: a SIGTERM after epoch 1's line lands mid-epoch 2.
+LONG_EPOCHS = DDP_EPOCHS
 
 
 ANSWERS = {"parallelism": "fsdp", "device": "cpu", "dataset": "imagefolder", "pretrained": True, "sweeps": True}
