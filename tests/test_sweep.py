@@ -160,6 +160,38 @@ def test_two_processes_share_one_study_and_take_turns_at_its_trials(sweep_projec
     assert (sweep_dir / "sweep.png").read_bytes().startswith(b"\x89PNG")
 
 
+# Processes that open a new study at the same moment race to create its tables; each must still get the study.
+OPEN_TOGETHER = """
+import multiprocessing, sys, tempfile
+sweep = importlib.import_module(pkg + ".sweep")
+def open_at(url, barrier, results):
+    barrier.wait()
+    try:
+        sweep.connect(url)
+        results.put("ok")
+    except Exception as err:
+        results.put(repr(err)[:200])
+context = multiprocessing.get_context("fork")
+failures = []
+for _ in range(int(sys.argv[1])):
+    url = f"sqlite:///{tempfile.mkdtemp(dir=sys.argv[2])}/study.db"
+    barrier, results = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=open_at, args=(url, barrier, results)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    failures += [result for result in (results.get(timeout=120) for _ in workers) if result != "ok"]
+    for worker in workers:
+        worker.join()
+print(failures)
+"""
+
+
+def test_processes_opening_a_new_study_together_all_get_it(sweep_project, tmp_path):
+    # Unguarded, about a quarter of such openings failed with "table ... already exists" (CI, 2026-11-24).
+    result = check(run_package_code(sweep_project, OPEN_TOGETHER, "12", str(tmp_path)), "open together", sweep_project)
+    assert result.stdout.strip() == "[]"
+
+
 def test_a_pruned_trial_ends_its_run_cleanly_and_keeps_what_it_wrote(sweep_project, tmp_path):
     sweep_dir = tmp_path / "sweep"
     arguments = ("--trials", "2", "--dir", str(sweep_dir), *QUICK, "optim.lr=1e-3:1e-2", "epochs=3")
