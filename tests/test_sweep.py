@@ -188,7 +188,7 @@ print(failures)
 
 def test_processes_opening_a_new_study_together_all_get_it(sweep_project, tmp_path):
     # Unguarded, about a quarter of such openings failed with "table ... already exists" (CI, 2026-11-24).
-    result = check(run_package_code(sweep_project, OPEN_TOGETHER, "12", str(tmp_path)), "open together", sweep_project)
+    result = check(run_package_code(sweep_project, OPEN_TOGETHER, "6", str(tmp_path)), "open together", sweep_project)
     assert result.stdout.strip() == "[]"
 
 
