@@ -101,12 +101,13 @@ def timed_fit(
     overrides: list[str],
     *,
     terminal: bool = False,
-    after_epoch: Callable[[dict[str, Any]], None] | None = None,
+    beside_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> EpochTimes:
     """Run the rendered ``fit()`` and time each call of its ``train_one_epoch``.
 
     ``terminal``: stderr looks like a terminal (so a progress bar is drawn, into nothing).
-    ``after_epoch``: called, untimed, after each epoch with ``train_one_epoch``'s arguments by name.
+    ``beside_epoch``: called, untimed, with ``train_one_epoch``'s arguments by name: after the first
+    epoch and then before and after the timed epoch in turn (before on even-numbered calls).
     """
     train = project.train
     cfg = project.config.load_config(None, overrides)
@@ -116,10 +117,13 @@ def timed_fit(
 
     def timed_train_one_epoch(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments
+        before = len(times.seconds) % 2 == 1
+        if beside_epoch is not None and before:
+            beside_epoch(arguments)
         with times.epoch(lambda: arguments["state"].progress.global_step):
             result = original(*args, **kwargs)
-        if after_epoch is not None:
-            after_epoch(arguments)
+        if beside_epoch is not None and not before:
+            beside_epoch(arguments)
         return result
 
     train.train_one_epoch = timed_train_one_epoch

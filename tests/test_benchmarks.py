@@ -27,6 +27,12 @@ def test_loop_benchmark_quick_mode_measures_every_contender(tmp_path):
         rates = figures[clock]
         assert {"raw loop", "rendered, bar off", "rendered, bar on"} <= {name.split(", loggers")[0] for name in rates}
         assert all(len(values) == 1 and values[0] > 0 for values in rates.values())
+    # Each rendered epoch is paired with a raw one, run before it in one epoch and after it in the next.
+    for clock in ("paired_wall_ratios", "paired_cpu_ratios"):
+        rendered = {name: pairs for name, pairs in figures[clock].items() if name != "raw loop"}
+        assert rendered and all(
+            [len(raw_first), len(rendered_first)] == [1, 1] for raw_first, rendered_first in rendered.values()
+        )
     # The loss is read back once per log.every_n_steps (50) steps and at each epoch's end, never per step.
     reads = figures["host_reads"]
     assert 0 < reads["reads"] <= reads["steps"] // 50 + reads["epochs"]
