@@ -32,7 +32,7 @@ from rendering import (
     train,
 )
 from test_debug import NAN_IN_BACKWARD_RUN
-from test_loop import COUNTING, LONG_EPOCH, assert_reads_bounded
+from test_loop import assert_reads_bounded, counts_per_rank
 from test_preemption import DDP_EPOCHS, assert_same_training_state, wait_for_line
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -319,20 +319,6 @@ def test_a_sweep_trains_its_trials_in_one_process_each_a_world_of_one(fsdp_proje
 
 def test_each_fsdp_rank_reads_the_device_and_all_reduces_once_per_window(fsdp_project, tmp_path):
     """As for DDP (test_loop): FSDP's own all-gathers and reduce-scatters run inside torch, not counted here."""
-    script = tmp_path / "counting.py"
-    package = project_answers(fsdp_project)["package_name"]
-    script.write_text(f"import importlib, os\npkg = {package!r}\n" + COUNTING)
-    record = tmp_path / "counts"
-    overrides = (
-        *LONG_EPOCH,
-        "data.batch_size=32",
-        "epochs=1",
-        "log.every_n_steps=50",
-        f"output_dir={tmp_path / 'run'}",
-    )
-    result = run_torchrun(fsdp_project, str(script), *overrides, str(record))
-    assert result.returncode == 0, result.stderr[-4000:]
-    for rank in (0, 1):
-        counts = json.loads(Path(f"{record}.{rank}").read_text())
+    for counts in counts_per_rank(fsdp_project, tmp_path):
         assert_reads_bounded(counts, 50)
         assert counts["collectives"] == counts["reads"], counts

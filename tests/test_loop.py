@@ -91,10 +91,10 @@ def ddp_project(template_dir, tmp_path_factory) -> Path:
     return render(template_dir, tmp_path_factory.mktemp("ddp") / "ddp-project", {"parallelism": "ddp", "device": "cpu"})
 
 
-def test_each_ddp_rank_reads_and_all_reduces_once_per_window(ddp_project, tmp_path):
+def counts_per_rank(project: Path, tmp_path: Path) -> list[dict]:
+    """Host reads and collectives each of 2 torchrun ranks made over one epoch of 204 steps (COUNTING)."""
     script = tmp_path / "counting.py"
-    package = project_answers(ddp_project)["package_name"]
-    script.write_text(f"import importlib, os\npkg = {package!r}\n" + COUNTING)
+    script.write_text(f"import importlib, os\npkg = {project_answers(project)['package_name']!r}\n" + COUNTING)
     record = tmp_path / "counts"
     # The global batch of 32 splits into 16 per rank: the same 204 steps as one process with batch 16.
     overrides = (
@@ -107,15 +107,18 @@ def test_each_ddp_rank_reads_and_all_reduces_once_per_window(ddp_project, tmp_pa
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     result = subprocess.run(
         [*launcher, str(script), *overrides, str(record)],
-        cwd=ddp_project,
-        env=project_env(ddp_project),
+        cwd=project,
+        env=project_env(project),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    for rank in (0, 1):
-        counts = json.loads(Path(f"{record}.{rank}").read_text())
+    return [json.loads(Path(f"{record}.{rank}").read_text()) for rank in (0, 1)]
+
+
+def test_each_ddp_rank_reads_and_all_reduces_once_per_window(ddp_project, tmp_path):
+    for counts in counts_per_rank(ddp_project, tmp_path):
         assert_reads_bounded(counts, 50)
         # Between two reads, only DDP's own gradient all-reduce (in C++, not counted here) runs.
         assert counts["collectives"] == counts["reads"], counts
