@@ -104,6 +104,7 @@ if distributed.is_main_process():
             bare = trained.model(inputs)
         assert torch.equal(bare, sharded), (bare - sharded).abs().max()
     print("outputs equal")
+del state, sharded  # freed by teardown's collection, as fit's are
 distributed.teardown()
 """
 
