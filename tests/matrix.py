@@ -6,9 +6,12 @@ imports the rendered package (purging the previous one from ``sys.modules``, sin
 ``package_name``), builds the config with the rendered ``config.load_config`` plus smoke overrides and
 calls the in-process ``fit(cfg)``. It then checks a finite training loss, at least two optimiser steps,
 ``summary.json`` and a checkpoint that loads with ``torch.load(weights_only=True)`` back into the model.
-DDP and FSDP combinations run ``fit`` in two forked gloo processes (``RANK``/``WORLD_SIZE``/``MASTER_*`` set).
-Each worker lints its batch of projects with ONE ``ruff check`` and ONE ``ruff format --check`` call
-and byte-compiles them.
+DDP and FSDP combinations run ``fit`` in two gloo rank processes that the worker forks once and keeps
+(``RANK``/``WORLD_SIZE``/``MASTER_*`` set, a rendezvous store per combination hosted by the worker, as
+torchrun's agent hosts one). Each worker lints its batch of projects with ONE ``ruff check`` and ONE
+``ruff format --check`` call and byte-compiles their sources. Work that does not depend on the
+combination is done once per process: parsing copier.yml, compiling Jinja templates, compiling a
+rendered module whose bytes an earlier combination already had.
 
     python tests/matrix.py --tier pairwise        # or --tier exhaustive [--limit N]
 """
@@ -16,23 +19,26 @@ and byte-compiles them.
 from __future__ import annotations
 
 import argparse
-import compileall
 import contextlib
+import gc
+import hashlib
 import importlib
+import importlib.machinery
 import io
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,15 +71,15 @@ CPU_AMP = {"fp16": "amp.dtype=bf16"}
 BATCH_SIZE = 24  # combinations per worker task: one ruff call per batch
 # A worker is replaced after this many batches. Each combination leaves a little memory behind (its
 # imported package's objects that torch and the loggers keep referring to); over the exhaustive tier a
-# worker grew past 4 GB, and forking the DDP ranks from it got slower as it grew (page tables to copy).
+# worker grew past 4 GB (and its rank processes, which run as many combinations, grow likewise).
 BATCHES_PER_WORKER = 8
 DDP_WORLD_SIZE = 2
 
 
 # FSDP's own code depends on these design axes alone (where it runs, what is frozen, the precision of the
 # gathered parameters): the exhaustive tier crosses parallelism=fsdp with them, the other axes at their
-# defaults. Every FSDP combination trains two forked ranks and runs ~2.5x slower than DDP, so all of
-# them (3,456) would add ~30 minutes to the tier; the pairwise tier still pairs fsdp with every answer.
+# defaults. Every FSDP combination trains two ranks and runs ~2.5x slower than DDP, so all of them
+# (3,456) would add ~15-30 minutes to the tier; the pairwise tier still pairs fsdp with every answer.
 FSDP_AXES = ("device", "freezing", "amp")
 
 
@@ -136,6 +142,7 @@ _TEMPLATE: Path | None = None
 _TIER = "pairwise"
 _OPTIONAL_OVERRIDES: tuple[str, ...] = ()
 _IMAGE_ROOT: Path | None = None
+_COMPILED: dict[bytes, types.CodeType] = {}  # by the digest of the source: what compile() made of it
 
 
 def dataset_overrides(answers: dict[str, Any]) -> tuple[str, ...]:
@@ -160,7 +167,10 @@ def _reuse_copier_work() -> None:
       any git repository, where Copier documents the step as a no-op.
     - Copier asks git (three subprocesses) whether the template path is a repository or a bundle on
       every render; the answer for the worker's one template directory is kept.
+    - Copier parses copier.yml (about a third of a render) on every render; the worker's template
+      snapshot does not change, so it is parsed once and each render gets its own deep copy.
     """
+    import copy
     import functools
 
     import copier._main
@@ -209,6 +219,9 @@ def _reuse_copier_work() -> None:
         copier._main.Worker._sync_git_index_executable_bit = lambda self, dst_relpath, src_mode: None
     if hasattr(copier._template, "get_repo"):
         copier._template.get_repo = functools.cache(copier._template.get_repo)
+    if hasattr(copier._template, "load_template_config"):
+        parse_once = functools.cache(copier._template.load_template_config)
+        copier._template.load_template_config = lambda *args, **kwargs: copy.deepcopy(parse_once(*args, **kwargs))
 
 
 def _init_worker(template: str, tier: str, scratch: str) -> None:
@@ -221,6 +234,7 @@ def _init_worker(template: str, tier: str, scratch: str) -> None:
     _OPTIONAL_OVERRIDES = tier_overrides(tier, worker_dir)
     os.environ.update(WORKER_ENV)
     _reuse_copier_work()
+    _compile_each_source_once()
     import torch
     import torch.distributed
 
@@ -228,6 +242,41 @@ def _init_worker(template: str, tier: str, scratch: str) -> None:
     # The first optimiser of a process imports torch._dynamo (seconds): pay it once here, not in every
     # forked DDP rank.
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
+
+def _compile(source: bytes, filename: str) -> types.CodeType:
+    """``compile(source, filename, "exec")``, compiling each distinct source once in this process."""
+    digest = hashlib.blake2b(source).digest()
+    if digest not in _COMPILED:
+        _COMPILED[digest] = compile(source, filename, "exec", dont_inherit=True)
+    return _with_filename(_COMPILED[digest], filename)
+
+
+def _with_filename(code: types.CodeType, filename: str) -> types.CodeType:
+    if code.co_filename == filename:
+        return code
+    consts = tuple(
+        _with_filename(const, filename) if isinstance(const, types.CodeType) else const for const in code.co_consts
+    )
+    return code.replace(co_filename=filename, co_consts=consts)
+
+
+def _compile_each_source_once() -> None:
+    """Every combination imports its rendered package afresh, and most of its modules are the same bytes
+    as in other combinations: the import system compiles each distinct source once per process (the code
+    differs only in the file name it reports, which is set to the module's own). No bytecode is written
+    into the projects, which are deleted after their batch.
+    """
+    sys.dont_write_bytecode = True
+    loader = importlib.machinery.SourceFileLoader
+    compile_afresh = loader.source_to_code
+
+    def source_to_code(self, data, path, *, _optimize=-1):
+        if _optimize != -1 or not isinstance(data, bytes):
+            return compile_afresh(self, data, path, _optimize=_optimize)
+        return _compile(data, str(path))
+
+    loader.source_to_code = source_to_code
 
 
 def _init_render_worker(template: str) -> None:
@@ -269,15 +318,17 @@ def _project_imported(project: Path, package: str) -> Iterator[Any]:
         _purge(package)
 
 
-def _fit(project: Path, package: str, overrides: tuple[str, ...], train: bool = True) -> dict[str, Any]:
-    """Train (unless ``train`` is False), then check the outputs with the same imported package."""
+def _fit(project: Path, package: str, overrides: tuple[str, ...], ranks: int = 1) -> dict[str, Any]:
+    """Train in this process, or in ``ranks`` gloo ranks, then check the outputs in this process."""
     import torch
 
     torch.use_deterministic_algorithms(False)  # fit() may have switched it on in an earlier combination
+    if ranks > 1:
+        _rank_processes(ranks).fit(project, package, overrides)
     with _project_imported(project, package) as module:
         config = importlib.import_module(f"{package}.config")
         cfg = _load_config(config, project, overrides)
-        if train:
+        if ranks == 1:
             module.fit(cfg)
         return _check_outputs(importlib.import_module(f"{package}.model"), cfg)
 
@@ -294,75 +345,115 @@ def _load_config(config: Any, project: Path, overrides: tuple[str, ...]) -> Any:
     return cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class RankProcesses:
+    """``world_size`` long-lived gloo rank processes, forked from this worker once torch is imported: each
+    DDP or FSDP combination is one job for all of them.
 
-
-def _ddp_rank(rank: int, port: int, project: Path, package: str, overrides: tuple[str, ...]) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(DDP_WORLD_SIZE),
-        LOCAL_WORLD_SIZE=str(DDP_WORLD_SIZE),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    log = io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            _fit_only(project, package, overrides)
-    except BaseException:
-        log.write(traceback.format_exc())
-        code = 1
-    (project / f"rank{rank}.log").write_text(log.getvalue())
-    os._exit(code)  # no atexit handlers or pool shutdown inherited from the worker
-
-
-def _fit_only(project: Path, package: str, overrides: tuple[str, ...]) -> None:
-    with _project_imported(project, package) as module:
-        config = importlib.import_module(f"{package}.config")
-        module.fit(_load_config(config, project, overrides))
-
-
-def _fit_ddp(project: Path, package: str, overrides: tuple[str, ...]) -> None:
-    """Two gloo ranks forked from this worker: torch is already imported, so each starts in milliseconds.
-
-    The rendered ``fit`` joins the process group itself when ``RANK`` and ``WORLD_SIZE`` are set (as
-    torchrun sets them) and leaves it when done.
+    A rank runs one combination after another, as the worker does: it imports the rendered package, calls
+    ``fit`` with ``RANK``, ``WORLD_SIZE`` and ``MASTER_*`` set (``fit`` joins the process group and leaves
+    it, as under torchrun), and forgets the package. Kept for the worker's lifetime, the ranks pay once
+    for what a fresh fork per combination paid every time: copying the worker's pages they write, and the
+    imports a run makes lazily (a logger's backend opening its store). Ranks that fail or hang are
+    killed, and the next combination forks new ones.
     """
-    with _project_imported(project, package):
-        pass  # imports the package's dependencies here once, so that forked ranks inherit them
-    port = _free_port()
-    pids = []
-    for rank in range(DDP_WORLD_SIZE):
-        pid = os.fork()  # os.fork, not multiprocessing: pool workers are daemons and may not have children
-        if pid == 0:
-            _ddp_rank(rank, port, project, package, overrides)  # never returns
-        pids.append(pid)
-    deadline = time.monotonic() + 300
-    codes: list[int | None] = [None] * DDP_WORLD_SIZE
-    while None in codes:
-        for index, pid in enumerate(pids):
-            if codes[index] is None:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    codes[index] = os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            for index, pid in enumerate(pids):
-                if codes[index] is None:
-                    os.kill(pid, signal.SIGKILL)
-                    codes[index] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        time.sleep(0.01)
-    if codes != [0] * DDP_WORLD_SIZE:
+
+    TIMEOUT_S = 300
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.pids: list[int] = []
+        self.connections: list[multiprocessing.connection.Connection] = []
+        for rank in range(world_size):
+            ours, theirs = multiprocessing.Pipe()
+            pid = os.fork()  # os.fork, not multiprocessing: pool workers are daemons and may not have children
+            if pid == 0:
+                for connection in [*self.connections, ours]:
+                    connection.close()  # a rank holds no other end: it sees EOF when the worker exits
+                self._serve(rank, theirs)  # never returns
+            theirs.close()
+            self.pids.append(pid)
+            self.connections.append(ours)
+
+    def _serve(self, rank: int, connection: multiprocessing.connection.Connection) -> None:
+        import torch
+
+        size = str(self.world_size)
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=size, LOCAL_WORLD_SIZE=size)
+        # As under torchrun, whose agent hosts the rendezvous store: every rank is a client of the store the
+        # worker opened for the job (left to rank 0, a rank that came first waited ~0.5 s to retry).
+        os.environ.update(MASTER_ADDR="127.0.0.1", TORCHELASTIC_USE_AGENT_STORE="True")
+        while True:
+            try:
+                port, project, package, overrides = connection.recv()
+            except EOFError:
+                os._exit(0)  # no atexit handlers or pool shutdown inherited from the worker
+            os.environ["MASTER_PORT"] = str(port)
+            # What this rank holds so far is never garbage: a full collection (the rendered teardown runs
+            # one) walks only the objects of this combination.
+            gc.freeze()
+            torch.use_deterministic_algorithms(False)  # as in _fit
+            log = io.StringIO()
+            ok = True
+            try:
+                with (
+                    contextlib.redirect_stdout(log),
+                    contextlib.redirect_stderr(log),
+                    _project_imported(project, package) as module,
+                ):
+                    config = importlib.import_module(f"{package}.config")
+                    module.fit(_load_config(config, project, overrides))
+            except BaseException:  # noqa: BLE001 - reported to the worker with the combination
+                log.write(traceback.format_exc())
+                ok = False
+            connection.send((ok, log.getvalue()[-2000:]))
+
+    def fit(self, project: Path, package: str, overrides: tuple[str, ...]) -> None:
+        """Train one combination on every rank; raise with the ranks' output if any fails or hangs."""
+        import torch.distributed
+
+        store = torch.distributed.TCPStore("127.0.0.1", 0, self.world_size, is_master=True, wait_for_workers=False)
+        job = (store.port, project, package, overrides)
+        for connection in self.connections:
+            connection.send(job)
+        results: list[tuple[bool, str] | None] = [None] * self.world_size
+        deadline = time.monotonic() + self.TIMEOUT_S
+        while None in results and time.monotonic() < deadline:
+            for connection in multiprocessing.connection.wait(self.connections, timeout=1):
+                index = self.connections.index(connection)
+                try:
+                    results[index] = connection.recv()
+                except EOFError:
+                    results[index] = (False, "the rank process died")
+            if any(result is not None and not result[0] for result in results):
+                break  # the others may wait for it in a collective until their timeout
+        if all(result is not None and result[0] for result in results):
+            return
+        self.close()
+        silent = f"no answer within {self.TIMEOUT_S} s" if None in results and time.monotonic() >= deadline else ""
         logs = "\n".join(
-            f"--- rank {rank}:\n{(project / f'rank{rank}.log').read_text()[-2000:]}"
-            for rank in range(DDP_WORLD_SIZE)
-            if (project / f"rank{rank}.log").is_file()
+            f"--- rank {rank}:\n{result[1] if result else silent or 'stopped: another rank failed'}"
+            for rank, result in enumerate(results)
         )
-        raise RuntimeError(f"DDP ranks exited with {codes}\n{logs}")
+        raise RuntimeError(f"DDP ranks failed\n{logs}")
+
+    def close(self) -> None:
+        global _RANKS
+        for pid, connection in zip(self.pids, self.connections, strict=True):
+            connection.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        _RANKS = None
+
+
+_RANKS: RankProcesses | None = None
+
+
+def _rank_processes(world_size: int) -> RankProcesses:
+    global _RANKS
+    if _RANKS is None:
+        _RANKS = RankProcesses(world_size)
+    return _RANKS
 
 
 def _check_outputs(model_module: Any, cfg: Any) -> dict[str, Any]:
@@ -408,11 +499,9 @@ def run_one(answers: dict[str, Any], project: Path) -> Outcome:
         else:
             overrides = (*MATRIX_OVERRIDES, *dataset_overrides(answers), f"output_dir={out}")
         started = time.perf_counter()
-        ddp = answers.get("parallelism") in ("ddp", "fsdp")  # two forked ranks
-        if ddp:
-            _fit_ddp(project, package, overrides)
+        ranks = DDP_WORLD_SIZE if answers.get("parallelism") in ("ddp", "fsdp") else 1
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            outcome.summary = _fit(project, package, overrides, train=not ddp)
+            outcome.summary = _fit(project, package, overrides, ranks)
         outcome.train_s = time.perf_counter() - started
     except BaseException as err:  # noqa: BLE001 - every failure is reported with its combination
         if isinstance(err, KeyboardInterrupt):
@@ -440,8 +529,19 @@ def _lint(projects: dict[Path, Outcome]) -> None:
         if not any(str(path) + os.sep in report for path in projects):
             raise RuntimeError(f"ruff {args[0]} failed:\n{report}")
     for path, outcome in projects.items():
-        if outcome.error is None and not compileall.compile_dir(path, quiet=2, force=True):
-            outcome.error = "byte-compile failed"
+        if outcome.error is None:
+            outcome.error = _byte_compile_error(path)
+
+
+def _byte_compile_error(project: Path) -> str | None:
+    """Whether every Python file of ``project`` compiles (a source compiled before in this worker, when
+    linting or importing, is not compiled again)."""
+    for path in sorted(project.rglob("*.py")):
+        try:
+            _compile(path.read_bytes(), str(path))
+        except (SyntaxError, ValueError) as err:
+            return f"byte-compile failed: {err}"
+    return None
 
 
 def run_batch(batch: list[dict[str, Any]]) -> list[Outcome]:

@@ -9,6 +9,9 @@ run the own test suites of two feature-rich projects, which the matrix does not.
 from __future__ import annotations
 
 import itertools
+import re
+import sys
+from pathlib import Path
 
 import pytest
 from matrix import exhaustive_size, run_matrix, tier_combinations
@@ -22,7 +25,7 @@ from questionnaire import (
     questions,
     uncovered_pairs,
 )
-from rendering import run_project_tests
+from rendering import project_answers, run_in_project, run_project_tests
 
 
 def _all_pairs(rows, names, multiselect=()):
@@ -209,3 +212,50 @@ OWN_TEST_ANSWERS = {
 def test_feature_rich_projects_pass_their_own_tests(render_project, answers):
     result = run_project_tests(render_project(**answers))
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+# The matrix's rank processes, driven as a worker drives them, in a process of their own (forking pytest's).
+RANK_PROCESSES = """
+import sys, threading, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import matrix
+project, package = Path(sys.argv[2]), sys.argv[3]
+overrides = lambda run, *more: (*matrix.MATRIX_OVERRIDES, f"output_dir={project / 'runs' / run}", *more)
+
+ranks = matrix.RankProcesses(2)
+try:
+    ranks.fit(project, "no_such_package", overrides("a"))
+except RuntimeError as err:
+    assert "No module named 'no_such_package'" in str(err), err
+    print("import failure reported")
+
+ranks = matrix.RankProcesses(2)
+ranks.fit(project, package, overrides("b"))
+assert (project / "runs/b/summary.json").is_file()
+print("trained")
+threading.Timer(3, lambda: matrix.os.kill(ranks.pids[1], 9)).start()
+started = time.monotonic()
+try:
+    ranks.fit(project, package, overrides("c", "epochs=500"))
+except RuntimeError as err:
+    assert "the rank process died" in str(err), err
+    print(f"killed rank reported after {time.monotonic() - started:.0f} s")
+
+matrix.RankProcesses(2).fit(project, package, overrides("d"))
+assert (project / "runs/d/summary.json").is_file()
+print("new ranks trained")
+"""
+
+
+def test_rank_processes_train_combinations_report_failures_and_a_dead_rank_without_waiting(render_project):
+    project = render_project(parallelism="ddp", device="cpu")
+    package = project_answers(project)["package_name"]
+    argv = [sys.executable, "-c", RANK_PROCESSES, str(Path(__file__).parent), str(project), package]
+    result = run_in_project(project, argv, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["import failure reported", "trained"], result.stdout
+    killed = re.fullmatch(r"killed rank reported after (\d+) s", lines[2])
+    assert killed and int(killed[1]) < 60, result.stdout  # not the 300 s a silent rank is given
+    assert lines[3:] == ["new ranks trained"], result.stdout
