@@ -245,11 +245,12 @@ def _init_worker(template: str, tier: str, scratch: str) -> None:
 
 
 def _compile(source: bytes, filename: str) -> types.CodeType:
-    """``compile(source, filename, "exec")``, compiling each distinct source once in this process."""
+    """``compile(source, filename, "exec")``, compiling each distinct source once in this process (the
+    code keeps the file name of its first compilation)."""
     digest = hashlib.blake2b(source).digest()
     if digest not in _COMPILED:
         _COMPILED[digest] = compile(source, filename, "exec", dont_inherit=True)
-    return _with_filename(_COMPILED[digest], filename)
+    return _COMPILED[digest]
 
 
 def _with_filename(code: types.CodeType, filename: str) -> types.CodeType:
@@ -274,7 +275,7 @@ def _compile_each_source_once() -> None:
     def source_to_code(self, data, path, *, _optimize=-1):
         if _optimize != -1 or not isinstance(data, bytes):
             return compile_afresh(self, data, path, _optimize=_optimize)
-        return _compile(data, str(path))
+        return _with_filename(_compile(data, str(path)), str(path))
 
     loader.source_to_code = source_to_code
 
@@ -437,13 +438,12 @@ class RankProcesses:
         raise RuntimeError(f"DDP ranks failed\n{logs}")
 
     def close(self) -> None:
-        global _RANKS
         for pid, connection in zip(self.pids, self.connections, strict=True):
             connection.close()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        _RANKS = None
+        self.pids, self.connections = [], []
 
 
 _RANKS: RankProcesses | None = None
@@ -451,7 +451,7 @@ _RANKS: RankProcesses | None = None
 
 def _rank_processes(world_size: int) -> RankProcesses:
     global _RANKS
-    if _RANKS is None:
+    if _RANKS is None or not _RANKS.pids:  # none yet, or closed after a failure
         _RANKS = RankProcesses(world_size)
     return _RANKS
 
