@@ -46,6 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import timing  # noqa: E402
 from imagedata import write_image_folder  # noqa: E402
 from questionnaire import choice_questions, combinations, design_axes, pairwise, product_size  # noqa: E402
 from rendering import SMOKE_OVERRIDES, render, snapshot_template  # noqa: E402
@@ -417,8 +418,8 @@ class RankProcesses:
         for connection in self.connections:
             connection.send(job)
         results: list[tuple[bool, str] | None] = [None] * self.world_size
-        deadline = time.monotonic() + self.TIMEOUT_S
-        while None in results and time.monotonic() < deadline:
+        budget = timing.Budget(self.TIMEOUT_S)  # seconds of work: longer on a busy machine (timing.py)
+        while None in results and not budget.expired():
             for connection in multiprocessing.connection.wait(self.connections, timeout=1):
                 index = self.connections.index(connection)
                 try:
@@ -430,7 +431,7 @@ class RankProcesses:
         if all(result is not None and result[0] for result in results):
             return
         self.close()
-        silent = f"no answer within {self.TIMEOUT_S} s" if None in results and time.monotonic() >= deadline else ""
+        silent = f"no answer within {self.TIMEOUT_S} s of work" if None in results and budget.left <= 0 else ""
         logs = "\n".join(
             f"--- rank {rank}:\n{result[1] if result else silent or 'stopped: another rank failed'}"
             for rank, result in enumerate(results)

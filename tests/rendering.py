@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import copier
+import timing
 import yaml
 from questionnaire import TEMPLATE_ROOT
 
@@ -69,8 +70,9 @@ def project_env(project: Path) -> dict[str, str]:
 
 
 def run_in_project(project: Path, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``argv`` in the project directory with its package importable from src/, capturing output."""
-    return subprocess.run(argv, cwd=project, env=project_env(project), capture_output=True, text=True, timeout=timeout)
+    """Run ``argv`` in the project directory with its package importable from src/, capturing output;
+    ``timeout`` is seconds of work on an idle machine (timing.py), longer on a busy one."""
+    return timing.run(argv, timeout, cwd=project, env=project_env(project))
 
 
 def check(result: subprocess.CompletedProcess, what: str, project: Path) -> subprocess.CompletedProcess:

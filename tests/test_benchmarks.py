@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 
 import pytest
+import timing
 from questionnaire import TEMPLATE_ROOT, questions
 
 BENCHMARKS = TEMPLATE_ROOT / "benchmarks"
@@ -15,11 +15,8 @@ BENCHMARKS = TEMPLATE_ROOT / "benchmarks"
 
 def test_loop_benchmark_quick_mode_measures_every_contender(tmp_path):
     out = tmp_path / "figures.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "loop_bench.py"), "--quick", "--no-lightning", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = timing.run(
+        [sys.executable, str(BENCHMARKS / "loop_bench.py"), "--quick", "--no-lightning", "--json", str(out)], 120
     )
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(out.read_text())["mlp"]
@@ -39,29 +36,20 @@ def test_loop_benchmark_quick_mode_measures_every_contender(tmp_path):
 
 
 def test_loader_benchmark_quick_mode_times_both_loaders_for_each_worker_count():
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "loader_bench.py"), "--quick"], capture_output=True, text=True, timeout=300
-    )
+    result = timing.run([sys.executable, str(BENCHMARKS / "loader_bench.py"), "--quick"], 300)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("rendered", "plain"))]
     assert len(rows) == 4 and all(float(row[-1]) > 0 and float(row[-2]) > 0 for row in rows)
 
 
 def test_gpu_benchmark_exits_cleanly_without_a_gpu():
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "gpu_bench.py"), "--quick"], capture_output=True, text=True, timeout=120
-    )
+    result = timing.run([sys.executable, str(BENCHMARKS / "gpu_bench.py"), "--quick"], 120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_gpu_benchmark_dry_run_on_cpu_measures_every_amp_and_compile_answer():
     """--cpu runs the GPU script's own rendering, wrapping and timing code: one row per answer pair."""
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "gpu_bench.py"), "--quick", "--cpu"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = timing.run([sys.executable, str(BENCHMARKS / "gpu_bench.py"), "--quick", "--cpu"], 300)
     assert result.returncode == 0, result.stdout + result.stderr
     _, rest = result.stdout.split(" samples/s ", 1)
     table, extra = rest.split("\n\n", 1)
@@ -87,12 +75,7 @@ def test_gpu_benchmark_dry_run_on_cpu_measures_every_amp_and_compile_answer():
 @pytest.mark.slow  # two torchrun launches per contender: half a minute
 def test_parallel_benchmark_quick_mode_times_ddp_and_fsdp_and_fsdp_ranks_hold_half(tmp_path):
     out = tmp_path / "figures.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "parallel_bench.py"), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = timing.run([sys.executable, str(BENCHMARKS / "parallel_bench.py"), "--quick", "--json", str(out)], 300)
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(out.read_text())
     assert set(figures) == {"ddp", "fsdp", "fsdp, reshard_after_forward=false"}

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timing
 import torch
 from imagedata import write_image_folder
 from rendering import (
@@ -57,14 +58,7 @@ def torchrun_command(project: Path, *args: str) -> list[str]:
 
 
 def run_torchrun(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        torchrun_command(project, *args),
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return timing.run(torchrun_command(project, *args), 300, cwd=project, env=project_env(project))
 
 
 def checkpoint_state(checkpoint: Path, scratch: Path) -> dict:
@@ -175,7 +169,7 @@ def test_sigterm_to_the_launcher_mid_epoch_then_resume_auto_matches_an_uninterru
     )
     wait_for_line(launcher, "epoch 1/2 |")
     launcher.send_signal(signal.SIGTERM)  # as a scheduler does: torchrun passes it on to every rank
-    stdout, stderr = launcher.communicate(timeout=300)
+    stdout, stderr = timing.communicate(launcher, 300)
     assert launcher.returncode == 75, stdout + stderr[-4000:]  # preempted: saved, resumable
     assert "received SIGTERM: saved" in stdout, stdout + stderr[-4000:]
     assert "exit status 75 (preempted)" in stderr and "saving last;" in stderr, stderr[-4000:]

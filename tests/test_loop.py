@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timing
 import torch
 from rendering import SMOKE_OVERRIDES, project_answers, project_env, render, run_package_code, train
 
@@ -105,14 +106,7 @@ def counts_per_rank(project: Path, tmp_path: Path) -> list[dict]:
         f"output_dir={tmp_path / 'run'}",
     )
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(
-        [*launcher, str(script), *overrides, str(record)],
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = timing.run([*launcher, str(script), *overrides, str(record)], 300, cwd=project, env=project_env(project))
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(Path(f"{record}.{rank}").read_text()) for rank in (0, 1)]
 
@@ -184,9 +178,9 @@ def test_a_kill_9_loses_at_most_every_n_steps(default_project, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     checkpoints = out / "checkpoints"
-    deadline = time.monotonic() + 120
+    budget = timing.Budget(120)
     while len(list(checkpoints.glob("step-*.pt"))) < 3:
-        assert process.poll() is None and time.monotonic() < deadline
+        assert process.poll() is None and not budget.expired()
         time.sleep(0.05)
     time.sleep(random.Random(0).uniform(0.0, 0.5))
     os.kill(process.pid, signal.SIGKILL)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timing
 from matrix import exhaustive_size, run_matrix, tier_combinations
 from questionnaire import (
     Question,
@@ -257,5 +258,6 @@ def test_rank_processes_train_combinations_report_failures_and_a_dead_rank_witho
     lines = result.stdout.splitlines()
     assert lines[:2] == ["import failure reported", "trained"], result.stdout
     killed = re.fullmatch(r"killed rank reported after (\d+) s", lines[2])
-    assert killed and int(killed[1]) < 60, result.stdout  # not the 300 s a silent rank is given
+    # Not the 300 s of work a silent rank is given (timing.py: more wall seconds on a busy machine).
+    assert killed and int(killed[1]) < timing.limit(60), result.stdout
     assert lines[3:] == ["new ranks trained"], result.stdout

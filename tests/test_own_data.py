@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+import timing
 import torch
 from imagedata import CLASS_COLOURS, write_image_folder
 from PIL import Image
@@ -120,7 +121,7 @@ def run_offline(project, torch_home, *args: str) -> subprocess.CompletedProcess:
     env = {**project_env(project), "TORCH_HOME": str(torch_home)}
     env.update({name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")})
     command = [sys.executable, "-m", "my_project.train", *args]
-    return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    return timing.run(command, 300, cwd=project, env=env)
 
 
 def test_weights_by_name_come_from_the_torch_cache_and_fail_offline_in_one_line(

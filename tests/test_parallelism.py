@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import copier
 import pytest
+import timing
 import torch
 from rendering import SMOKE_OVERRIDES, project_env, run_module, run_project_tests, torchrun, train
 
@@ -55,14 +55,8 @@ def test_other_ranks_are_quiet_but_a_user_s_own_prints_reach_the_console(render_
         "train.main(sys.argv[1:])\n"
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    result = subprocess.run(
-        [*command, *SMOKE_OVERRIDES, "epochs=1", f"output_dir={tmp_path / 'run'}"],
-        cwd=project,
-        env=project_env(project),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    argv = [*command, *SMOKE_OVERRIDES, "epochs=1", f"output_dir={tmp_path / 'run'}"]
+    result = timing.run(argv, 300, cwd=project, env=project_env(project))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "hello from rank 0" in result.stdout and "hello from rank 1" in result.stdout
     assert result.stdout.count("epoch 1/1 |") == 1, result.stdout  # the run's own output: rank 0 alone
@@ -144,7 +138,7 @@ def test_without_ddp_no_distributed_code_or_scripts_are_rendered(render_project,
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs its CUDA cases instead")
 def test_gpu_check_script_skips_cleanly_without_a_gpu():
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    result = timing.run([sys.executable, str(script)], 120)
     assert result.returncode == 0, result.stderr
     assert "no GPU, skipped" in result.stdout
 

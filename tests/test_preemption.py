@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timing
 import torch
 from questionnaire import questions
 from rendering import PREEMPTED_EXIT_CODE, SMOKE_OVERRIDES, project_answers, project_env, render, train
@@ -91,7 +92,7 @@ def test_signal_mid_epoch_saves_the_step_and_resume_matches_an_uninterrupted_run
     process = start_training(default_project, *LONG_EPOCHS, f"output_dir={out}")
     wait_for_line(process, "epoch 1/2 |")
     process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = timing.communicate(process, 300)
 
     assert process.returncode == PREEMPTED_EXIT_CODE, stderr  # saved and resumable, not finished
     assert f"received {signum.name}: saved" in stdout, stdout
@@ -183,13 +184,11 @@ def torchrun_command(project: Path, *overrides: str) -> list[str]:
 
 def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_is_bit_exact(ddp_project, tmp_path):
     straight = tmp_path / "straight"
-    result = subprocess.run(
+    result = timing.run(
         torchrun_command(ddp_project, *DDP_EPOCHS, f"output_dir={straight}"),
+        300,
         cwd=ddp_project,
         env=project_env(ddp_project),
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -205,7 +204,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_is_bit_exac
     wait_for_line(agent, "epoch 1/2 |")
     # As a scheduler does: SIGTERM to the launcher, which passes it on to every worker.
     agent.send_signal(signal.SIGTERM)
-    stdout, stderr = agent.communicate(timeout=300)
+    stdout, stderr = timing.communicate(agent, 300)
     assert "received SIGTERM: saved" in stdout, stdout + stderr[-4000:]
     # torchrun itself reports the signal with a traceback of its own; the workers exit cleanly.
     package = project_answers(ddp_project)["package_name"]
@@ -214,13 +213,11 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_is_bit_exac
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
     assert not (out / "summary.json").exists()
 
-    resumed = subprocess.run(
+    resumed = timing.run(
         torchrun_command(ddp_project, *DDP_EPOCHS, f"output_dir={out}", "resume=auto"),
+        300,
         cwd=ddp_project,
         env=project_env(ddp_project),
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"step {stopped['global_step']}" in resumed.stdout
@@ -233,13 +230,11 @@ def test_a_restarted_torchrun_worker_group_resumes_from_last_pt_by_itself(ddp_pr
 
     def run(restart_count: str) -> subprocess.CompletedProcess:
         package = project_answers(ddp_project)["package_name"]
-        return subprocess.run(
+        return timing.run(
             [sys.executable, "-m", f"{package}.train", *SMOKE_OVERRIDES, "epochs=2", f"output_dir={out}"],
+            300,
             cwd=ddp_project,
             env=project_env(ddp_project) | {"TORCHELASTIC_RESTART_COUNT": restart_count},
-            capture_output=True,
-            text=True,
-            timeout=300,
         )
 
     restarted = run("1")  # what torchrun --max-restarts sets in a restarted group; config resume=null

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import timing
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from rendering import PREEMPTED_EXIT_CODE, check, project_answers, project_env, render, run_module, run_package_code
@@ -145,7 +146,7 @@ def test_two_processes_share_one_study_and_take_turns_at_its_trials(sweep_projec
         subprocess.Popen(command, cwd=sweep_project, env=project_env(sweep_project), stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
-    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    outputs = [timing.communicate(worker, 300)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs
 
     study = load_study(sweep_dir)

@@ -11,6 +11,7 @@ import venv
 from pathlib import Path
 
 import pytest
+import timing
 import yaml
 from rendering import SMOKE_OVERRIDES, check, project_answers, project_env
 
@@ -29,7 +30,7 @@ MAXIMAL_FILES = {
 
 def run(project: Path, argv: list[str], env: dict[str, str] | None = None, timeout: float = 600):
     env = env or project_env(project)
-    return subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+    return timing.run(argv, timeout, cwd=project, env=env)
 
 
 def make(project: Path, *args: str) -> subprocess.CompletedProcess:
