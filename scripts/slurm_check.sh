@@ -181,9 +181,9 @@ echo "$runs"
 grep -q 'ExitCode=0:0' <<<"$info" || fail "job exit code $(grep -o 'ExitCode=[0-9:]*' <<<"$info")"
 restarts=$(grep -o 'Restarts=[0-9]*' <<<"$info" | cut -d= -f2)
 ((restarts >= 1)) || fail "the job was never requeued"
-# train.py's lines: "received SIGTERM: saved <last.pt> at step N (epoch E, B batches in); ..." and
+# train.py's lines: "received SIGTERM on ranks 0, 1: saved <last.pt> at step N (epoch E, B batches in); ..." and
 # "resumed from <last.pt> at step N (epoch E, B batches in)".
-mapfile -t saved < <(sed -nE 's/^received SIGTERM: saved .* at step ([0-9]+) \(.*\); resume with .*/\1/p' "$log")
+mapfile -t saved < <(sed -nE 's/^received SIGTERM( on ranks? [0-9, ]+)?: saved .* at step ([0-9]+) \(.*\); resume with .*/\2/p' "$log")
 mapfile -t resumed < <(sed -nE 's/^resumed from .* at step ([0-9]+) \(.*\)$/\1/p' "$log")
 ((${#saved[@]} == restarts)) || fail "$restarts requeues but ${#saved[@]} saves at the warning"
 [[ "${saved[*]}" == "${resumed[*]}" ]] || fail "saved at steps ${saved[*]} but resumed at ${resumed[*]}"
@@ -192,7 +192,7 @@ steps_per_epoch=$((steps / epochs))
 for step in "${saved[@]}"; do
     ((step % steps_per_epoch != 0)) || fail "step $step is an epoch boundary, not mid-epoch"
 done
-(($(grep -c '^received SIGTERM: saved .* batches in); ' "$log") == restarts)) || fail "a save was not mid-epoch"
+(($(grep -cE '^received SIGTERM( on ranks? [0-9, ]+)?: saved .* batches in\); ' "$log") == restarts)) || fail "a save was not mid-epoch"
 (($(grep -c "^epoch 1/$epochs |" "$log") == 1)) && grep -q "^epoch $epochs/$epochs |" "$log" ||
     fail "the log lost a run's lines"
 ! grep -q Traceback "$log" || fail "a traceback in $log"

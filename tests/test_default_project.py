@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import torch
-from rendering import INTERRUPTED_RUN, SMOKE_OVERRIDES, run_module, run_package_code, run_project_tests, train
+from rendering import (
+    INTERRUPTED_RUN,
+    SMOKE_OVERRIDES,
+    project_answers,
+    run_module,
+    run_package_code,
+    run_project_tests,
+    train,
+)
 
 
 def test_default_project_trains_and_writes_checkpoints_and_summary(default_project, tmp_path):
@@ -19,11 +28,21 @@ def test_default_project_trains_and_writes_checkpoints_and_summary(default_proje
     assert summary["best_metric_name"] == "val_accuracy"
     assert 0.0 <= summary["best_metric"] <= 1.0
     assert summary["final_train_loss"] > 0.0
+    best_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ") and "(best)" in line]
+    assert summary["best_epoch"] == int(best_lines[-1].split("/")[0].removeprefix("epoch "))
+
+    # The run ends by saying what it reached, where its checkpoints are and what to run next.
+    best, package = out / "checkpoints" / "best.pt", project_answers(default_project)["package_name"]
+    assert result.stdout.splitlines()[-2:] == [
+        f"done: best val_accuracy {summary['best_metric']:.4f} at epoch {summary['best_epoch']} of 2; "
+        f"checkpoints {best} (best), last.pt (last)",
+        f"next: python -m {package}.evaluate {best} | python -m {package}.predict {best} IMAGE...",
+    ]
 
     for name in ("last.pt", "best.pt"):
         state = torch.load(out / "checkpoints" / name, weights_only=True)
         assert {"format_version", "layout", "model", "optimizer", "scaler", "progress", "rng", "config"} <= state.keys()
-        assert {"epoch", "global_step", "best_metric"} <= state["progress"].keys()
+        assert {"epoch", "global_step", "best_metric", "best_epoch"} <= state["progress"].keys()
     assert torch.load(out / "checkpoints/last.pt", weights_only=True)["progress"]["epoch"] == 2
 
 
@@ -39,6 +58,10 @@ def test_resume_matches_an_uninterrupted_run_bit_for_bit(default_project, tmp_pa
         default_project, INTERRUPTED_RUN, *common, "epochs=4", f"output_dir={tmp_path / 'split'}"
     )
     assert "received SIGUSR1" in interrupted.stdout, interrupted.stderr
+    # The stopped run's last line is the command that continues it, with the overrides it was given.
+    package = project_answers(default_project)["package_name"]
+    resume = shlex.join([f"{package}.train", *common, "epochs=4", f"output_dir={tmp_path / 'split'}", "resume=auto"])
+    assert interrupted.stdout.splitlines()[-1] == f"resume: python -m {resume}"
     resumed = train(default_project, *common, "epochs=4", "resume=auto", f"output_dir={tmp_path / 'split'}")
     assert "resumed from" in resumed.stdout
 
@@ -78,10 +101,34 @@ def test_rendered_project_passes_its_own_tests(default_project):
     assert result.returncode == 0, result.stdout[-4000:]
 
 
+def epoch_lines(text: str) -> dict[str, list[tuple[str, str]]]:
+    """The epoch lines in ``text`` by epoch (``"20/20"``): each field's name and value as printed."""
+    lines = {}
+    for line in text.splitlines():
+        if line.startswith("epoch ") and " | " in line:
+            epoch, *fields, _seconds = line.split(" | ")
+            lines[epoch.removeprefix("epoch ")] = [tuple(field.split(" ", 1)) for field in fields]
+    return lines
+
+
 def test_the_default_project_learns_the_digits_with_its_own_config(default_project, tmp_path):
     """Exactly what a new user runs first: the rendered config, unchanged, on the digits."""
     out = tmp_path / "run"
-    train(default_project, "log.progress_bar=false", f"output_dir={out}", timeout=600)
+    result = train(default_project, "log.progress_bar=false", f"output_dir={out}", timeout=600)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 20
     assert summary["best_metric"] >= 0.98, summary
+
+    # The README's sample output is this run's: its epochs, columns and learning rates as printed, its
+    # losses and accuracy within what another machine's arithmetic (or thread count) changes.
+    sample, printed = epoch_lines((default_project / "README.md").read_text()), epoch_lines(result.stdout)
+    assert "20/20" in sample and sample.keys() <= printed.keys(), (sample.keys(), printed.keys())
+    for epoch, fields in sample.items():
+        real = dict(printed[epoch])
+        assert [name for name, _ in fields] == [name for name, _ in printed[epoch]], (epoch, fields)
+        for name, value in fields:
+            shown, ran = float(value.split()[0]), float(real[name].split()[0])
+            if name == "lr":
+                assert value == real[name], (epoch, value, real[name])
+            else:
+                assert abs(shown - ran) <= 0.05 + 0.25 * ran, (epoch, name, value, real[name])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from questionnaire import question
-from rendering import INTERRUPTED_RUN, SMOKE_OVERRIDES, project_answers, run_module, run_package_code, torchrun, train
+from rendering import INTERRUPTED_RUN, SMOKE_OVERRIDES, project_answers, run_package_code, torchrun, train
 
 # None, all, and all but one: every backend chosen and not chosen beside every other, in 6 renders of the 16.
 LOGGER_SUBSETS = question("loggers").pairwise_options()
@@ -39,6 +39,14 @@ EPOCH_LINE = re.compile(
     r"^epoch (\d+)/\d+ \| train_loss (\S+) \| val_loss (\S+) \| val_accuracy (\S+)(?: \(best\))? \| lr (\S+) \|", re.M
 )
 METRICS = ("train_loss", "val_loss", "val_accuracy", "lr")
+# `python -m <package>.plot RUN_DIR`, then the y scales of the figure it drew: loss, metrics, learning rate.
+PLOT = """
+import csv, sys
+plot = importlib.import_module(pkg + ".plot")
+plot.main(sys.argv[1:])
+with open(sys.argv[1] + "/metrics.csv", newline="") as file:
+    print("y scales:", *(axes.get_yscale() for axes in plot.curves(list(csv.DictReader(file))).axes))
+"""
 
 
 def console_epochs(stdout: str) -> dict[int, dict[str, float]]:
@@ -65,8 +73,10 @@ def check_csv(project: Path, run_dir: Path, console: dict, final: dict) -> None:
     assert reader.fieldnames == ["epoch", *METRICS]
     assert_matches_console({int(row["epoch"]): {k: float(row[k]) for k in METRICS} for row in rows}, console, final)
 
-    plotted = run_module(project, "plot", str(run_dir))
+    plotted = run_package_code(project, PLOT, str(run_dir))
     assert plotted.returncode == 0, plotted.stderr
+    assert f"wrote {run_dir / 'curves.png'}" in plotted.stdout
+    assert "y scales: log linear linear" in plotted.stdout  # the loss panel on a log axis
     png = (run_dir / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -205,7 +206,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_is_bit_exac
     # As a scheduler does: SIGTERM to the launcher, which passes it on to every worker.
     agent.send_signal(signal.SIGTERM)
     stdout, stderr = timing.communicate(agent, 300)
-    assert "received SIGTERM: saved" in stdout, stdout + stderr[-4000:]
+    assert re.search(r"received SIGTERM on ranks? [\d, ]+: saved", stdout), stdout + stderr[-4000:]
     # torchrun itself reports the signal with a traceback of its own; the workers exit cleanly.
     package = project_answers(ddp_project)["package_name"]
     assert f"{package}/train.py" not in stderr and "ChildFailedError" not in stderr, stderr[-4000:]
@@ -247,3 +248,73 @@ def test_a_restarted_torchrun_worker_group_resumes_from_last_pt_by_itself(ddp_pr
     assert "already holds another run" in first_attempt.stderr
     assert "resumed from" not in first_attempt.stdout
     assert load_progress(out)["epoch"] == 2
+
+
+# Slow steps: each batch's loss waits SLOW_STEP_S and says "step"; the stop check is due every quarter second.
+# The read window then shrinks to one step, so a signal is acted on after the step under way, however
+# large log.every_n_steps is (as with steps of seconds on a GPU and the default window of 50).
+SLOW_STEP_S = 0.5
+SLOW_STEPS = f"""
+import importlib, os, sys, time
+pkg = sys.argv.pop(1)
+train, task = importlib.import_module(pkg + ".train"), importlib.import_module(pkg + ".task")
+train.STOP_CHECK_S = 0.25
+loss = task.loss
+def slow_loss(outputs, targets):
+    time.sleep({SLOW_STEP_S})
+    print("step", os.environ.get("RANK", "0"), os.getpid(), flush=True)
+    return loss(outputs, targets)
+task.loss = slow_loss
+train.main(sys.argv[1:])
+"""
+SLOW_OVERRIDES = ("log.progress_bar=false", "log.every_n_steps=1000", "epochs=1")
+
+
+def stop_slow_steps(process: subprocess.Popen, out: Path, ranks: int = 1) -> tuple[str, float]:
+    """SIGTERM to ``process`` (of two ranks: to rank 1 alone) in its fourth slow step; its output, and the
+    seconds it took to save and exit."""
+    seen = []
+    while sum(line.startswith("step ") for line in seen) < 4 * ranks:
+        seen += wait_for_line(process, "step ")
+    pid = process.pid if ranks == 1 else int(next(line.split()[2] for line in seen if line.startswith("step 1 ")))
+    signalled = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    stdout, stderr = timing.communicate(process, 120)
+    assert process.returncode == PREEMPTED_EXIT_CODE, stdout + stderr[-4000:]
+    assert load_progress(out)["global_step"] >= 3, stdout  # saved mid-epoch, at the step the ranks stopped
+    return stdout, time.monotonic() - signalled
+
+
+def test_a_signal_saves_within_a_step_or_two_when_steps_are_slow(default_project, tmp_path):
+    out, script = tmp_path / "run", tmp_path / "slow.py"
+    script.write_text(SLOW_STEPS)
+    package = project_answers(default_project)["package_name"]
+    process = subprocess.Popen(
+        [sys.executable, str(script), package, *SLOW_OVERRIDES, f"output_dir={out}"],
+        cwd=default_project,
+        env=project_env(default_project) | {"PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stdout, seconds = stop_slow_steps(process, out)
+    assert "received SIGTERM: saved" in stdout
+    assert seconds < timing.limit(4 * SLOW_STEP_S + 5), seconds  # not the 1000-step window: ~17 min
+
+
+def test_a_signal_to_one_slow_rank_saves_both_within_a_step_or_two_and_names_that_rank(ddp_project, tmp_path):
+    out, script = tmp_path / "run", tmp_path / "slow.py"
+    script.write_text(SLOW_STEPS)
+    package = project_answers(ddp_project)["package_name"]
+    launcher = [sys.executable, "-m", f"{package}.preemption", "--standalone", "--nproc_per_node=2"]  # torchrun's
+    process = subprocess.Popen(
+        [*launcher, str(script), package, *SLOW_OVERRIDES, f"output_dir={out}"],
+        cwd=ddp_project,
+        env=project_env(ddp_project) | {"PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stdout, seconds = stop_slow_steps(process, out, ranks=2)
+    assert "received SIGTERM on rank 1: saved" in stdout, stdout  # said by rank 0, which got no signal
+    assert seconds < timing.limit(4 * SLOW_STEP_S + 10), seconds  # torchrun kills its workers after 30 s

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from questionnaire import combinations, question, questions, resolve_answers
+import yaml
+from questionnaire import COPIER_YML, combinations, question, questions, resolve_answers
 from rendering import render
 
 
@@ -18,6 +21,8 @@ from rendering import render
         ({"project_name": "My Project"}, "project_name must be lowercase"),
         ({"project_name": "bad--name"}, "project_name must be lowercase"),
         ({"author_email": "nobody"}, "author_email must look like"),
+        ({"gpu_ids": "0 1"}, "gpu_ids must be GPU indices separated by commas"),
+        ({"gpu_ids": "0,,1"}, "gpu_ids must be GPU indices separated by commas"),
     ],
 )
 def test_bad_answers_are_refused_with_the_validators_message(template_dir, tmp_path, answers, message):
@@ -46,3 +51,32 @@ def test_answer_space_multiplies_only_questions_that_are_asked():
         # A question asked only after another answer (e.g. sync_batchnorm under ddp) collapses alone.
         expected = len(q.options()) if q.is_asked(resolve_answers({})) else 1
         assert len(list(combinations([name]))) == expected, name
+
+
+def test_gpu_ids_with_spaces_around_the_commas_render_as_the_list_without_them(template_dir, tmp_path):
+    project = render(template_dir, tmp_path / "project", {"gpu_ids": " 0, 1 ,2", "parallelism": "ddp"})
+    package = project / "src" / "my_project"
+    assert 'gpu_ids: "0,1,2"' in (project / "configs/default.yaml").read_text()
+    assert 'gpu_ids: str | None = "0,1,2"' in (package / "config.py").read_text()
+    assert '"default": "0,1,2"' in (project / "configs/schema.json").read_text()
+    assert "${CUDA_VISIBLE_DEVICES:-0,1,2}" in (project / "scripts/train_single_node.sh").read_text()
+    assert "(`0,1,2`)" in (project / "README.md").read_text()
+
+
+SECTION = re.compile(r"# --- (\d+)\. (.*?)(?: \(axis: [^)]*\))? -+$")
+
+
+def test_every_question_is_shown_with_the_section_copier_yml_puts_it_in():
+    """Copier has no groups of questions: each help text starts with its section, e.g. [2/10 Devices]."""
+    lines = COPIER_YML.read_text().splitlines()
+    numbers = [int(heading[1]) for heading in map(SECTION.match, lines) if heading]
+    assert numbers == list(range(1, len(numbers) + 1))
+    label, labels = None, {}
+    for line in lines:
+        if heading := SECTION.match(line):
+            label = f"[{heading[1]}/{len(numbers)} {heading[2]}] "
+        elif name := re.match(r"([a-z]\w*):$", line):
+            labels[name[1]] = label
+    spec = yaml.safe_load(COPIER_YML.read_text())
+    for q in questions():
+        assert labels[q.name] and spec[q.name]["help"].startswith(labels[q.name]), (q.name, spec[q.name]["help"])

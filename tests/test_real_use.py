@@ -73,7 +73,7 @@ def test_a_run_failing_before_its_first_epoch_ends_leaves_no_trace(render_projec
     project = render_project(loggers=["csv", "tensorboard"], nonfinite_guard=True)
     out = tmp_path / "run"
     result = run_module(project, "train", *QUICK, "optim.lr=1e30", "log.every_n_steps=1", f"output_dir={out}")
-    assert_one_line_error(result, "loss became nan between step")
+    assert_one_line_error(result, "loss became nan in step")
     assert not out.exists()
 
 
@@ -105,10 +105,14 @@ def test_an_older_checkpoint_gets_default_bookkeeping_and_resumes(render_project
     train(project, *SMOKE_OVERRIDES, "epochs=1", f"output_dir={out}")
     last = out / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
-    del state["progress"]["epochs_without_improvement"]
+    del state["progress"]["epochs_without_improvement"], state["progress"]["best_epoch"]
     torch.save(state, last)
     resumed = train(project, *SMOKE_OVERRIDES, "epochs=2", "resume=auto", f"output_dir={out}")
     assert "resumed from" in resumed.stdout and "epoch 2/2 |" in resumed.stdout
+    # Epoch 1's best is of unknown epoch: the closing line names the epoch only when epoch 2 beat it.
+    best_epoch = json.loads((out / "summary.json").read_text())["best_epoch"]
+    at = "in 2 epochs" if best_epoch is None else "at epoch 2 of 2"
+    assert resumed.stdout.splitlines()[-2].startswith("done: best val_accuracy ") and f" {at}; " in resumed.stdout
 
 
 def test_a_format_1_checkpoint_resumes_and_a_broken_one_is_one_line(default_project, tmp_path):

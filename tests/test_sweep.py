@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import timing
+import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from rendering import PREEMPTED_EXIT_CODE, check, project_answers, project_env, render, run_module, run_package_code
@@ -94,6 +95,10 @@ def test_a_sweep_trains_each_trial_in_its_own_folder_and_prints_a_table_and_draw
     best = max(study.trials, key=lambda trial: trial.value)
     assert f"best: trial {best.number}, val_accuracy {best.value:.4f}" in result.stdout
     assert (sweep_dir / "sweep.png").read_bytes().startswith(b"\x89PNG")
+    # What holds for every trial is said once, and a trial does not end with a run's closing lines.
+    fallbacks = result.stderr.count("warning: device=auto but no CUDA GPU is available")
+    assert fallbacks == (0 if torch.cuda.is_available() else 1), result.stderr
+    assert "next: python -m" not in result.stdout
 
 
 def test_an_interrupted_sweep_reruns_the_stopped_trial_and_resumes_to_the_asked_number(sweep_project, tmp_path):

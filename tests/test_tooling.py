@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
+import re
 import subprocess
 import sys
 import sysconfig
-import venv
 from pathlib import Path
 
 import pytest
@@ -71,6 +70,18 @@ def test_make_install_takes_torch_from_the_chosen_wheel_index(render_project):
     cuda = check(make(gpu_project, "-n", "install", "TORCH=cu128"), "make -n install", gpu_project).stdout
     assert "pip install torch --index-url https://download.pytorch.org/whl/cu128" in cuda
     assert 'pip install -e ".[dev]"' in cuda
+
+
+def test_make_install_makes_a_venv_only_when_no_environment_is_active(render_project):
+    project = render_project()
+    bare = {key: value for key, value in project_env(project).items() if key not in ("VIRTUAL_ENV", "CONDA_PREFIX")}
+    fresh = check(run(project, ["make", "-n", "install"], env=bare), "make -n install", project).stdout
+    assert re.search(r"^\S*python3(\.\d+)? -m venv \.venv$", fresh, re.MULTILINE), fresh
+    assert ".venv/bin/python -m pip install torch" in fresh and '.venv/bin/python -m pip install -e ".[dev]"' in fresh
+    active = check(run(project, ["make", "-n", "install"], env={**bare, "VIRTUAL_ENV": "/elsewhere"}), "make", project)
+    assert "venv" not in active.stdout and active.stdout.startswith("python -m pip install torch"), active.stdout
+    train = check(run(project, ["make", "-n", "train"], env=bare), "make -n train", project).stdout
+    assert train.startswith(".venv/bin/python -m my_project.train"), train
 
 
 def test_make_lint_format_test_train_schema_and_clean_run_on_a_fresh_render(render_project, tmp_path):
@@ -142,30 +153,29 @@ def test_pre_commit_passes_on_a_fresh_render_and_refuses_conflict_markers(answer
 # --- CI workflow ---------------------------------------------------------------------------------
 
 
-def fresh_environment(path: Path) -> Path:
-    """A new virtual environment that sees this interpreter's installed packages, and nothing else.
+def see_installed_packages(path: Path) -> None:
+    """Let the virtual environment at ``path`` see this interpreter's installed packages.
 
-    Stands in for setup-python's interpreter: the workflow's steps install into it as on a runner, but
-    torch (and the other dependencies) are found already installed instead of being downloaded.
+    The workflow's steps then install into it as on a runner, but torch (and the other dependencies)
+    are found already installed instead of being downloaded.
     """
-    venv.create(path, with_pip=True)
     # Python 3.11's venv bundles an old setuptools that would hide the newer one torch requires.
     subprocess.run([path / "bin" / "python", "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=True)
     purelib = Path(sysconfig.get_paths(vars={"base": str(path), "platbase": str(path)})["purelib"])
     (purelib / "test-environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    return path / "bin"
 
 
 def test_ci_workflow_steps_run_in_order_in_a_fresh_environment(render_project, tmp_path):
     """Every ``run:`` step of .github/workflows/ci.yml, in order, as GitHub's runner runs it.
 
     The ``uses:`` steps (checkout, setup-python with the pip cache) cannot run here: the project is
-    already on disk and a fresh virtual environment plays the runner's Python. One substitution:
-    download.pytorch.org is unreachable from the test machines and the CPU wheel is ~200 MB, so the
-    install step runs with TORCH_INDEX=--no-index (the Makefile's override of the wheel index), and
-    pip finds torch already installed in this interpreter's packages, which the environment sees.
-    The test above checks that TORCH=cpu means the CPU index. Everything else, the project's editable
-    install with its dev tools, ruff and the project's test suite, runs as written.
+    already on disk and this interpreter plays the runner's Python. One substitution: download.pytorch.org
+    is unreachable from the test machines and the CPU wheel is ~200 MB, so the `.venv` that
+    `make install` makes is made first (by the Makefile's own rule) and shown this interpreter's
+    packages, and the install step runs with TORCH_INDEX=--no-index (the Makefile's override of the
+    wheel index): pip finds torch already installed. A test above checks that TORCH=cpu means the CPU
+    index. Everything else, the project's editable install with its dev tools, ruff and the project's
+    test suite, runs as written.
     """
     # A lean combination: the default one's own test suite already runs in test_default_project.py.
     project = render_project(ci="github", python_version="3.11", device="cpu", scheduler="none", loggers=[])
@@ -182,15 +192,15 @@ def test_ci_workflow_steps_run_in_order_in_a_fresh_environment(render_project, t
     runs = [step["run"] for step in job["steps"] if "run" in step]
     assert runs[0] == "make install TORCH=cpu"
 
-    bin_dir = fresh_environment(tmp_path / "runner-python")
-    env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CI="true", TORCH_INDEX="--no-index", OMP_NUM_THREADS="1")
+    env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONPATH")}
+    env.update(CI="true", TORCH_INDEX="--no-index", OMP_NUM_THREADS="1", VENV_PYTHON=sys.executable)
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    check(run(project, ["make", ".venv/bin/python"], env=env), "make .venv/bin/python", project)
+    see_installed_packages(project / ".venv")
     for command in runs:
         # GitHub's default shell for run steps
         result = run(project, ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", command], env=env)
         assert result.returncode == 0, f"{command}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     name = project_answers(project)["project_name"]
-    installed = run(project, [str(bin_dir / "python"), "-m", "pip", "show", name], env)
+    installed = run(project, [str(project / ".venv/bin/python"), "-m", "pip", "show", name], env)
     assert "Editable project location" in installed.stdout
-    assert shutil.which("python", path=env["PATH"]) == str(bin_dir / "python")

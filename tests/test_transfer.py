@@ -325,6 +325,8 @@ def test_model_summary_is_printed_by_torchinfo_and_leaves_training_unchanged(ren
 
     assert result.stdout.count("Layer (type:depth-idx)") == 1
     assert "SmallCNN" in result.stdout and "Conv2d: 2-1" in result.stdout
+    # Units as torchinfo means them (M: millions of mult-adds), not its enum's Python name.
+    assert "Total mult-adds (M): " in result.stdout and "Units." not in result.stdout, result.stdout
     with_summary = torch.load(tmp_path / "summary/checkpoints/last.pt", weights_only=True)["model"]
     plain = torch.load(tmp_path / "plain/checkpoints/last.pt", weights_only=True)["model"]
     assert (
