@@ -127,6 +127,40 @@ def test_nproc_on_the_cpu_is_two_unless_set(cpu_project, tmp_path):
         assert torchrun_flag(launch_command(cpu_project, script, tmp_path, NPROC="3", **env), "nproc-per-node") == "3"
 
 
+def omp_threads(project: Path, script: str, tmp_path: Path, **env: str) -> str:
+    """The OMP_NUM_THREADS a launch script gives torchrun (a stub ``python`` prints it)."""
+    bin_dir = fake_bin(tmp_path, python='echo "OMP_NUM_THREADS=${OMP_NUM_THREADS-unset}"')
+    drop = ("SLURM_", "NPROC", "RDZV_", "CUDA_", "OMP_NUM_THREADS")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    rdzv = {"NNODES": "1", "RDZV_HOST": "localhost", "RDZV_ID": "test"}
+    result = subprocess.run(
+        [str(project / "scripts" / script)],
+        cwd=project,
+        env=clean | rdzv | {"PATH": f"{bin_dir}:{os.environ['PATH']}"} | env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().removeprefix("OMP_NUM_THREADS=")
+
+
+def test_launchers_give_each_worker_the_cores_less_one_shared_by_the_workers_unless_omp_num_threads_is_set(
+    cpu_project, gpu_project, tmp_path
+):
+    """Set for one worker too, where torchrun sets nothing, and for several, where it would print a banner."""
+    machine = max(1, (len(os.sched_getaffinity(0)) - 1) // 3)  # nproc counts the cores this process may use
+    for script in ("train_single_node.sh", "train_multi_node.sh"):
+        assert omp_threads(cpu_project, script, tmp_path, SLURM_CPUS_PER_TASK="9") == "4"  # 2 workers share 8
+        assert omp_threads(cpu_project, script, tmp_path, SLURM_CPUS_ON_NODE="5", NPROC="1") == "4"
+        assert omp_threads(cpu_project, script, tmp_path, SLURM_CPUS_PER_TASK="2") == "1"  # never below one
+        assert omp_threads(cpu_project, script, tmp_path, NPROC="3") == str(machine)
+        assert omp_threads(cpu_project, script, tmp_path, SLURM_CPUS_PER_TASK="9", OMP_NUM_THREADS="3") == "3"
+        # GPU renders: one worker per visible GPU.
+        assert omp_threads(gpu_project, script, tmp_path, SLURM_CPUS_PER_TASK="9", CUDA_VISIBLE_DEVICES="0,1") == "4"
+        # torchrun's own --nproc-per-node=auto: the count is torchrun's, so the threads are too.
+        assert omp_threads(gpu_project, script, tmp_path, NPROC="auto") == "unset"
+
+
 def test_rendezvous_id_is_required_outside_slurm_and_new_for_every_slurm_run(cpu_project, tmp_path):
     env = {"NNODES": "2", "RDZV_HOST": "node0"}
     missing = launch_command(cpu_project, "train_multi_node.sh", tmp_path, **env)

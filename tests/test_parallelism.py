@@ -98,7 +98,7 @@ def test_gpu_ids_from_the_config_are_checked_and_name_the_key(render_project, tm
     assert "gpu_ids" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("gpu_ids", ["0, 1", "gpu0", "", "0,,1"])
+@pytest.mark.parametrize("gpu_ids", ["0 1", "gpu0", "", "0,,1"])  # "0, 1" is taken as 0,1 (test_questionnaire)
 def test_questionnaire_refuses_malformed_gpu_ids(template_dir, tmp_path, gpu_ids):
     with pytest.raises(ValueError, match="gpu_ids"):
         copier.run_copy(

@@ -8,12 +8,24 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+import timing
 import torch
-from rendering import INTERRUPTED_RUN, SMOKE_OVERRIDES, project_answers, run_module, run_package_code, train
+from rendering import (
+    INTERRUPTED_RUN,
+    SMOKE_OVERRIDES,
+    project_answers,
+    project_env,
+    run_module,
+    run_package_code,
+    train,
+)
 
 QUICK = (*SMOKE_OVERRIDES, "epochs=2", "deterministic=true")
 
@@ -217,3 +229,36 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_last_good_checkpoint_surv
     assert_one_line_error(result, f"No space left on device: {last}")
     assert last.read_bytes() == good
     assert not list(last.parent.glob(".*.tmp"))  # the half-written temporary file is gone
+
+
+def test_a_run_holds_its_output_dir_while_it_trains_against_a_second_run_fresh_or_resumed(default_project, tmp_path):
+    """Two runs started together into one output_dir: one trains and the other is refused before it writes
+    anything; a resume=auto into a run that still trains is refused too. The lock goes with the run."""
+    common = ("data.dataset=synthetic", "data.synthetic_size=4096", "data.batch_size=16", "log.progress_bar=false")
+    env, pipes = project_env(default_project), {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+
+    def start(*overrides: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "my_project.train", *common, *overrides]
+        return subprocess.Popen(command, cwd=default_project, env=env, **pipes)
+
+    together = tmp_path / "together"
+    runs = [start("epochs=2", f"output_dir={together}") for _ in range(2)]
+    results = [subprocess.CompletedProcess(run.args, 0, *timing.communicate(run, 300)) for run in runs]
+    for run, result in zip(runs, results, strict=True):
+        result.returncode = run.returncode
+    refused = [result for result in results if result.returncode != 0]
+    assert len(refused) == 1, [result.stderr for result in results]
+    # Refused by the lock or, if the other had already finished, by its outputs: never written over.
+    assert_one_line_error(refused[0], f"output_dir {together} ")
+    assert not (together / ".lock").exists() and (together / "summary.json").exists()
+
+    out = tmp_path / "run"
+    training = start("epochs=2", f"output_dir={out}")
+    budget = timing.Budget(60)
+    while not (out / ".lock").exists():
+        assert training.poll() is None and not budget.expired(), training.communicate()
+        time.sleep(0.05)
+    resumed = run_module(default_project, "train", *common, "epochs=2", f"output_dir={out}", "resume=auto")
+    assert_one_line_error(resumed, f"output_dir {out} is in use by a run still training (pid {training.pid} on ")
+    assert timing.wait(training, 300) == 0
+    assert not (out / ".lock").exists()
