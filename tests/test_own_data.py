@@ -297,6 +297,10 @@ def test_predict_prints_top_k_writes_csv_and_one_cam_per_picture(project, traine
     assert len(lines) == 21
     said = f"wrote 21 prediction(s) to {out_csv}\nwrote 21 Grad-CAM map(s) to {cams}"
     assert result.stderr.strip() == said  # the cnn's 16x16 map at 32 px is fine enough: no warning
+    written = out_csv.read_bytes()
+    refused = run_module(project, "predict", *args[:2], f"--output={out_csv}")
+    assert_one_line_error(refused, f"{out_csv} already exists; pass --overwrite")
+    assert out_csv.read_bytes() == written
     right = sum(line.split()[0].split("/")[-2] == line.split()[1] for line in lines)  # .../test/<class>/<n>.png
     assert right >= 19
     assert len(out_csv.read_text().splitlines()) == 22
