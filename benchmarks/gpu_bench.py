@@ -121,6 +121,7 @@ def common_overrides(args: argparse.Namespace, output_dir: Path, workers: str) -
         f"data.num_workers={workers}",
         f"model.width={args.width}",
         "log.progress_bar=false",
+        f"threads={torch.get_num_threads()}",  # the hand-written loop's: the rendered setup would apply its own rule
     ]
 
 

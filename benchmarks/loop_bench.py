@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             def overrides(bar: bool, arch=arch, steps=steps) -> list[str]:
                 out = workdir / f"run-{next(runs)}"
-                return overrides_for(arch, steps, args.batch_size, 1 + args.epochs, out, bar)
+                threads = f"threads={args.threads}"  # else the rendered setup applies its own rule (cores less one)
+                return [*overrides_for(arch, steps, args.batch_size, 1 + args.epochs, out, bar), threads]
 
             contenders: dict[str, Callable[[], EpochTimes]] = {"raw loop": lambda: raw_loop(baseline, overrides(False))}
             for logger_name, project in projects.items():
