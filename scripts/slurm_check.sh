@@ -9,25 +9,77 @@
 # from the step the previous one saved, the job ends COMPLETED 0:0, the log kept every run, every run
 # had a rendezvous id of its own, and no traceback was printed.
 # Needs root; installs Debian's slurm-wlm, slurmdbd, munge and mariadb-server when missing (the
-# packages' services are not started). Stops every daemon it started.
-#   scripts/slurm_check.sh          KEEP=1 keeps the work directory, PYTHON=... picks the interpreter
+# packages' services are not started). However it ends (passed, failed, timed out, or stopped by a
+# signal), it stops every process it started: the job, the daemons and what they started.
+#   scripts/slurm_check.sh          KEEP=1 keeps the work directory, PYTHON=... picks the interpreter,
+#                                   STALL_TIMEOUT, CHECK_TIMEOUT: how long to wait for the job (below)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$repo/.venv/bin/python}
 [[ -x "$python" ]] || { echo "FAIL: no $python: PYTHON=<python with torch and copier> $0" >&2 && exit 1; }
 work=$(mktemp -d /tmp/slurm-check.XXXXXX)
-pids=()
+# Every process this check starts carries this in its environment, and passes it on: the daemons,
+# slurmd's slurmstepd, and the job's (sbatch passes the submitting environment on): its batch script,
+# srun, torchrun and the workers. That finds them all, however they have detached.
+mark="SLURM_CHECK_RUN=$work"
+pids=() # the daemons
+job=""
+marked() {
+    local dir
+    for dir in /proc/[0-9]*; do
+        grep -qzxF "$mark" "$dir/environ" 2>/dev/null && echo "${dir#/proc/}"
+    done
+    return 0
+}
+# Send $1 to the processes given, then wait up to $2 seconds for them to end; prints those left.
+signal_and_wait() {
+    local signal=$1 seconds=$2 left
+    shift 2
+    kill -s "$signal" "$@" 2>/dev/null
+    for _ in $(seq $((seconds * 5))); do
+        left=$(for pid in "$@"; do [[ -d /proc/$pid ]] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null && echo "$pid"; done)
+        [[ -z "$left" ]] && return 0
+        sleep 0.2
+    done
+    echo "$left"
+}
 cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    local status=$? left
+    set +e
+    trap '' TERM INT HUP
+    if [[ -n "$job" ]]; then  # the job first, through SLURM, while its daemons run: TERM, KILL 30 s on
+        scancel "$job" 2>/dev/null
+        for _ in $(seq 90); do
+            squeue --noheader --jobs="$job" 2>/dev/null | grep -q . || break
+            sleep 1
+        done
+    fi
+    # Then the daemons, the last started first, and whatever outlived them: what scancel could not
+    # stop of the job (srun, torchrun, workers), slurmstepd.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        left=$(signal_and_wait TERM 20 "${pids[i]}") && [[ -n "$left" ]] && signal_and_wait KILL 5 $left >/dev/null
+    done
+    left=$(marked)
+    if [[ -n "$left" ]]; then
+        echo "stopping the processes left running: $(ps -o comm= -p "$(xargs <<<"$left" | tr ' ' ,)" | sort | uniq -c | xargs)"
+        left=$(signal_and_wait TERM 10 $left) && [[ -n "$left" ]] && left=$(signal_and_wait KILL 10 $left)
+    fi
+    if [[ -n "$left" ]]; then  # never remove the spool and state under running processes
+        echo "FAIL: processes $(xargs <<<"$left") of this check outlived SIGKILL; kept $work" >&2
+        exit 1
+    fi
     if [[ -z "${KEEP:-}" ]]; then rm -rf "$work"; else echo "kept $work"; fi
+    exit "$status"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT HUP
 fail() {
     echo "FAIL: $*" >&2
     exit 1
 }
+stall_timeout=${STALL_TIMEOUT:-900} check_timeout=${CHECK_TIMEOUT:-10800}
+[[ $stall_timeout =~ ^[0-9]+$ && $check_timeout =~ ^[0-9]+$ ]] || fail "STALL_TIMEOUT and CHECK_TIMEOUT are seconds"
 
 if ! command -v slurmctld slurmd slurmdbd munged mariadbd >/dev/null; then
     apt-get update -qq
@@ -39,14 +91,14 @@ fi
 mkdir -p "$work"/{munge,state,spool,log}
 dd if=/dev/urandom of="$work/munge/munge.key" bs=1024 count=1 status=none
 chmod 700 "$work/munge" && chmod 400 "$work/munge/munge.key"
-munged --foreground --force --key-file="$work/munge/munge.key" --socket="$work/munge/munge.sock" \
+env "$mark" munged --foreground --force --key-file="$work/munge/munge.key" --socket="$work/munge/munge.sock" \
     --pid-file="$work/munge/munged.pid" --seed-file="$work/munge/seed" --log-file="$work/log/munged.log" 2>/dev/null &
 pids+=($!)
 
 # Accounting: a throwaway MariaDB for slurmdbd, so that sacct shows every run and step of the job.
 db_port=${DB_PORT:-16820}
 mariadb-install-db --no-defaults --user=root --datadir="$work/db" >"$work/log/mariadb-install.log" 2>&1
-mariadbd --no-defaults --user=root --datadir="$work/db" --socket="$work/db.sock" --bind-address=127.0.0.1 \
+env "$mark" mariadbd --no-defaults --user=root --datadir="$work/db" --socket="$work/db.sock" --bind-address=127.0.0.1 \
     --port="$db_port" --pid-file="$work/mariadbd.pid" --log-error="$work/log/mariadbd.log" --skip-log-bin \
     >/dev/null 2>&1 &
 pids+=($!)
@@ -111,16 +163,16 @@ ReturnToService=2
 NodeName=$host NodeAddr=127.0.0.1 $node_config State=UNKNOWN
 PartitionName=check Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
-slurmdbd -D 2>/dev/null &
+env "$mark" slurmdbd -D 2>/dev/null &
 pids+=($!)
 for _ in $(seq 30); do
     sacctmgr --immediate add cluster check >/dev/null 2>&1 && break
     sleep 1
 done
 sacctmgr --noheader list cluster format=cluster | grep -q check || fail "slurmdbd did not come up"
-slurmctld -D -i 2>/dev/null &
+env "$mark" slurmctld -D -i 2>/dev/null &
 pids+=($!)
-slurmd -D -N "$host" 2>/dev/null &
+env "$mark" slurmd -D -N "$host" 2>/dev/null &
 pids+=($!)
 for _ in $(seq 60); do
     sinfo --noheader --format=%T 2>/dev/null | grep -q idle && break
@@ -148,22 +200,37 @@ epochs=8
 overrides=(data.dataset=synthetic data.synthetic_size=32768 data.batch_size=8 log.progress_bar=false
     "epochs=$epochs" "output_dir=$work/run")
 cd "$project"
-job=$(PATH="$(dirname "$python"):$PATH" PYTHONPATH="$project/src" OMP_NUM_THREADS=1 \
-    sbatch --parsable --time=3 --signal=B:USR1@60 scripts/slurm.sbatch "${overrides[@]}")
+# The project is not installed: its Python is the one on PATH, with the sources on PYTHONPATH.
+job=$(env -u VIRTUAL_ENV -u CONDA_PREFIX "$mark" PATH="$(dirname "$python"):$PATH" PYTHONPATH="$project/src" \
+    OMP_NUM_THREADS=1 sbatch --parsable --time=3 --signal=B:USR1@60 scripts/slurm.sbatch "${overrides[@]}")
 echo "submitted job $job (time limit 3 min, USR1 60 s before it)"
 
-state=""
-deadline=$((SECONDS + ${CHECK_TIMEOUT:-1500}))
-while ((SECONDS < deadline)); do
-    info=$(scontrol show job "$job")
+# How long the job takes depends on the host: on a busy one every run trains less far before its time
+# limit, so there are more runs (a loaded 2-core host took three times as long as an idle one). So the
+# check waits as long as the job moves on (its state changes or its log grows) and gives up when it has
+# not for STALL_TIMEOUT seconds (default 900: longer than a run, the two minutes a requeued job waits
+# and a start together) or after CHECK_TIMEOUT seconds in all (default 10800), saying which.
+log="$project/slurm-$job.out"
+state="" size=0 started=$SECONDS
+moved=$SECONDS
+while true; do
+    info=$(scontrol show job "$job") || fail "slurmctld does not answer: $(tail -n 2 "$work/log/slurmctld.log" | tr '\n' ' ')"
     now=$(grep -o 'JobState=[A-Z_]*' <<<"$info" | cut -d= -f2)
-    [[ "$now" != "$state" ]] && echo "$(date +%T) job $job $now $(grep -o 'Restarts=[0-9]*' <<<"$info")"
-    state=$now
+    if [[ "$now" != "$state" ]]; then
+        echo "$(date +%T) job $job $now $(grep -o 'Restarts=[0-9]*' <<<"$info")"
+        state=$now moved=$SECONDS
+    fi
+    grown=$(stat -c %s "$log" 2>/dev/null || echo 0)
+    ((grown == size)) || size=$grown moved=$SECONDS
     [[ "$state" =~ ^(COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY)$ ]] && break
+    ((SECONDS - moved < stall_timeout)) ||
+        fail "job $job $state: nothing new for $((SECONDS - moved)) s (STALL_TIMEOUT=$stall_timeout); its log ends: $(tail -n 2 "$log" 2>/dev/null | tr '\n' ' ')"
+    ((SECONDS - started < check_timeout)) ||
+        fail "job $job still $state after $((SECONDS - started)) s (CHECK_TIMEOUT=$check_timeout), still moving on: a slow host?"
     sleep 2
 done
+echo "job $job ended $state after $((SECONDS - started)) s"
 info=$(scontrol show job "$job")
-log="$project/slurm-$job.out"
 echo "--- $log (trimmed)"
 grep -E 'rendezvous|time limit|received|resumed|requeueing|epoch [0-9]+/|torchrun:|Traceback|Error' "$log" |
     cut -c1-160 || true
@@ -187,7 +254,10 @@ mapfile -t saved < <(sed -nE 's/^received SIGTERM( on ranks? [0-9, ]+)?: saved .
 mapfile -t resumed < <(sed -nE 's/^resumed from .* at step ([0-9]+) \(.*\)$/\1/p' "$log")
 ((${#saved[@]} == restarts)) || fail "$restarts requeues but ${#saved[@]} saves at the warning"
 [[ "${saved[*]}" == "${resumed[*]}" ]] || fail "saved at steps ${saved[*]} but resumed at ${resumed[*]}"
-steps=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["global_step"])' "$work/run/summary.json")
+# summary.json: the run's steps, and its time and allocations counted over every run of the job.
+read -r steps allocations wall_time < <(python3 -c 'import json, sys; s = json.load(open(sys.argv[1]))
+print(s["global_step"], s["allocations"], s["wall_time_s"])' "$work/run/summary.json")
+((allocations == restarts + 1)) || fail "summary.json counts $allocations allocations of $((restarts + 1))"
 steps_per_epoch=$((steps / epochs))
 for step in "${saved[@]}"; do
     ((step % steps_per_epoch != 0)) || fail "step $step is an epoch boundary, not mid-epoch"
@@ -207,4 +277,5 @@ expected="$(for _ in $(seq "$restarts"); do echo "$requeued"; done) $job|COMPLET
 expected="$expected $job.batch|COMPLETED|0:0 $job.0|COMPLETED|0:0"
 [[ "$(xargs <<<"$runs")" == "$(xargs <<<"$expected")" ]] || fail "accounting recorded: $(xargs <<<"$runs")"
 echo "PASS: saved at steps ${saved[*]} (of $steps, $steps_per_epoch per epoch), requeued $restarts time(s),"
-echo "      resumed at steps ${resumed[*]}, rendezvous ${rdzv[*]}, COMPLETED 0:0"
+echo "      resumed at steps ${resumed[*]}, rendezvous ${rdzv[*]}, COMPLETED 0:0,"
+echo "      summary.json: $allocations allocations, wall_time_s $wall_time"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import io
+import os
+import pkgutil
 import subprocess
 import sys
 import tomllib
@@ -24,6 +26,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import copier
 import jinja2
 import pytest
 import yaml
@@ -153,8 +156,14 @@ def package_name_error(name: str) -> str:
 
 
 def test_reserved_modules_hold_the_standard_library_of_this_python():
-    missing = set(sys.stdlib_module_names) - set(validators().stdlib_modules)
+    # sys.stdlib_module_names leaves out the standard library's own `test` package, which a project
+    # named test would be shadowed by: the modules installed in the standard library's directory count too.
+    library = Path(os.__file__).parent
+    installed = {module.name for module in pkgutil.iter_modules([str(library), str(library / "lib-dynload")])}
+    missing = {name for name in set(sys.stdlib_module_names) | installed if name.isidentifier()}
+    missing -= set(validators().stdlib_modules)
     assert not missing, f"add to validators.jinja's stdlib_modules: {sorted(missing)}"
+    assert "test" in installed
 
 
 def _import_names(distribution: str) -> set[str]:
@@ -209,6 +218,35 @@ def test_package_name_refuses_every_standard_library_and_dependency_module():
 def test_copier_refuses_a_package_name_that_shadows_a_module(template_dir, tmp_path, name):
     with pytest.raises(ValueError, match=f"package_name '{name}' would shadow the module of that name"):
         render(template_dir, tmp_path / "project", {"package_name": name})
+
+
+# --- An answer that is not taken is named once -----------------------------------------------------
+
+
+def test_the_conditions_the_messages_name_are_copier_ymls_when():
+    """validators.jinja's ``conditions`` (which the messages after copy and update quote) is every
+    conditional question of copier.yml with its ``when``, word for word."""
+    when = {q.name: q.when for q in questions() if q.when is not True}
+    assert {name: "{{ " + condition + " }}" for name, condition in validators().conditions.items()} == when
+
+
+def test_copy_names_each_answer_it_does_not_take_once(template_dir, tmp_path, capsys):
+    """Copier renders the project without the answers to questions it does not ask, or does not have, and
+    says nothing (Copier's messages are what it prints last; quiet=True hides them)."""
+    given = {"parallelism": "dataparallel", "compile": True, "sync_batchnorm": "yes", "scheduler": "plateau"}
+    given |= {"warmup": True, "foo": "bar", "gpu_ids": "1"}
+    copier.run_copy(str(template_dir), str(tmp_path / "project"), data=given, defaults=True, unsafe=True)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: compile=true was ignored: compile is asked only when parallelism != 'dataparallel' "
+        "(parallelism is dataparallel)",
+        "note: foo=bar was ignored: copier.yml has no question foo",
+        "note: sync_batchnorm=yes was ignored: sync_batchnorm is asked only when parallelism == 'ddp' "
+        "(parallelism is dataparallel)",
+        "note: warmup=true was ignored: warmup is asked only when scheduler in "
+        "['step', 'multistep', 'exponential', 'cosine', 'lambda'] (scheduler is plateau)",
+    ]
+    assert project_answers(tmp_path / "project")["gpu_ids"] == "1"  # asked and taken: no note
 
 
 # --- Free text is escaped where it is rendered ------------------------------------------------------

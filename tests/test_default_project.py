@@ -62,8 +62,15 @@ def test_resume_matches_an_uninterrupted_run_bit_for_bit(default_project, tmp_pa
     package = project_answers(default_project)["package_name"]
     resume = shlex.join([f"{package}.train", *common, "epochs=4", f"output_dir={tmp_path / 'split'}", "resume=auto"])
     assert interrupted.stdout.splitlines()[-1] == f"resume: python -m {resume}"
+    first = _final_state(tmp_path / "split")["progress"]  # the interrupted process's time, up to its save
     resumed = train(default_project, *common, "epochs=4", "resume=auto", f"output_dir={tmp_path / 'split'}")
     assert "resumed from" in resumed.stdout
+    # summary.json counts the run's time over both processes (a requeued SLURM job's allocations).
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert first["allocations"] == 1 and first["wall_time_s"] > 0 and summary["allocations"] == 2
+    assert abs(summary["wall_time_s"] - first["wall_time_s"] - summary["last_allocation_s"]) < 0.002, summary
+    alone = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert alone["allocations"] == 1 and alone["wall_time_s"] == alone["last_allocation_s"] > 0
 
     straight, split = _final_state(tmp_path / "straight"), _final_state(tmp_path / "split")
     assert straight["progress"]["global_step"] == split["progress"]["global_step"]

@@ -175,7 +175,7 @@ def test_sigterm_to_the_launcher_mid_epoch_then_resume_auto_matches_an_uninterru
     stdout, stderr = timing.communicate(launcher, 300)
     assert launcher.returncode == 75, stdout + stderr[-4000:]  # preempted: saved, resumable
     assert re.search(r"received SIGTERM on ranks? [\d, ]+: saved", stdout), stdout + stderr[-4000:]
-    assert "exit status 75 (preempted)" in stderr and "saving last;" in stderr, stderr[-4000:]
+    assert "exit status 75 (preempted)" in stderr and "its workers saved last at step" in stderr, stderr[-4000:]
     assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-4000:]
     stopped = torch.load(out / "checkpoints/last/state.pt", weights_only=True)["progress"]
     assert stopped["epoch"] == 1 and stopped["batch_in_epoch"] >= 1
@@ -224,6 +224,75 @@ def test_a_kill_9_during_a_save_leaves_the_previous_checkpoint_as_last_and_it_re
     assert "resumed from" in resumed.stdout and "at step 4 (1 epochs completed)" in resumed.stdout
     assert not list((checkpoints / "saves").glob(".*.tmp"))  # the next save removed the leftover
     assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 3
+
+
+# In one process (a world of one), main() four times: the disk fills after the first checkpoint (torch's
+# writer, which DCP uses too, then fails as on a full disk: a RuntimeError); a resume from a truncated
+# shard, from a missing one, and from a single file. Each prints main's exit message.
+CHECKPOINT_FAULTS = """
+import shutil, sys
+from pathlib import Path
+import torch
+train = importlib.import_module(pkg + ".train")
+distributed = importlib.import_module(pkg + ".distributed")
+out, overrides = Path(sys.argv[1]), sys.argv[2:]
+save, publish, full = torch.save, distributed.publish_checkpoint_dir, []
+
+
+def publish_then_fill_the_disk(*args, **kwargs):
+    full.append(True)
+    return publish(*args, **kwargs)
+
+
+def full_disk(obj, file, *args, **kwargs):
+    if not full:
+        return save(obj, file, *args, **kwargs)
+    file.write(b"PK" + bytes(600))
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+def run(*extra):
+    try:
+        train.main([*overrides, f"output_dir={out}", *extra])
+    except SystemExit as exit:
+        print(exit.code, flush=True)
+
+
+torch.save, distributed.publish_checkpoint_dir = full_disk, publish_then_fill_the_disk
+run("epochs=2")
+torch.save, distributed.publish_checkpoint_dir = save, publish
+last = out / "checkpoints" / "last"
+print(sorted(path.name for path in last.parent.joinpath("saves").iterdir()), last.resolve().name, flush=True)
+shutil.copy(last / "model.pt", out.parent / "last.pt")
+shard = last / "__0_0.distcp"
+shard.write_bytes(shard.read_bytes()[:1000])
+run("epochs=2", "resume=auto")
+shard.unlink()
+run("epochs=2", "resume=auto")
+run("epochs=2", f"resume={out.parent / 'last.pt'}")
+"""
+
+
+def test_a_full_disk_and_damaged_or_foreign_checkpoints_end_in_one_line_each(fsdp_project, tmp_path):
+    """DCP raises CheckpointException, a BaseException that ``except Exception`` would let through."""
+    out = tmp_path / "run"
+    result = run_package_code(fsdp_project, CHECKPOINT_FAULTS, str(out), *UNEVEN)
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    full, saves, truncated, missing, single_file = result.stdout.strip().splitlines()[-5:]
+    last = out / "checkpoints" / "last"
+    assert re.fullmatch(
+        rf"error: cannot write checkpoint {out}/checkpoints/saves/\.step-\d+\.tmp \(RuntimeError: unexpected pos "
+        rf"704 vs 598; [\d.]+ MiB free there: is the disk full\?\); {last} was left as it was",
+        full,
+    ), full
+    # The failed save's temporary directory is gone; last is the first epoch's checkpoint.
+    assert re.fullmatch(r"\['(step-\d+)'\] \1", saves), saves
+    damaged = f"error: checkpoint {last} is damaged or does not fit this run"
+    assert truncated.startswith(f"{damaged} (RuntimeError: PytorchStreamReader failed reading zip archive"), truncated
+    assert missing == f"{damaged} (FileNotFoundError: [Errno 2] No such file or directory: '{last}/__0_0.distcp')"
+    assert single_file.startswith(
+        f"error: checkpoint {tmp_path / 'last.pt'} is a file, but a checkpoint of this FSDP project is a directory"
+    ), single_file
 
 
 STEPPED = (*SMOKE_OVERRIDES, "epochs=3", "deterministic=true", "checkpoint.every_n_steps=4", "log.every_n_steps=3")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import timing
-from rendering import PREEMPTED_EXIT_CODE, project_answers, project_env, render
+from rendering import PREEMPTED_EXIT_CODE, project_answers, project_env, render, run_package_code
 
 SCRIPTS = ["slurm.sbatch", "train_multi_node.sh", "train_single_node.sh"]
 
@@ -70,8 +70,13 @@ def test_sbatch_asks_for_gpus_only_in_gpu_renders_and_comments_every_resource(cp
     assert not any("gpu" in name or "gres" in name for name in cpu), cpu
     assert gpu["gpus-per-node"].startswith("3 ")  # one per entry of gpu_ids
     assert auto["gpus-per-node"].startswith("1 ")  # device=auto trains on the GPU a node has
-    # A small CPU node runs the CPU render unedited: one node, two cores.
+    # A small CPU node runs the CPU render unedited: one node, two cores; the GPU renders ask for no more
+    # cores than any GPU node has (SLURM refuses more than a node has: "Requested node configuration is
+    # not available"), and on CPU-only nodes take sbatch --gpus-per-node=0 (the README says so).
     assert cpu["nodes"].startswith("1 ") and cpu["cpus-per-task"].startswith("2 ")
+    assert gpu["cpus-per-task"].startswith("2 ") and auto["cpus-per-task"].startswith("2 ")
+    cpu_recipe = "NPROC=2 sbatch --gpus-per-node=0 scripts/slurm.sbatch device=cpu"
+    assert cpu_recipe in (auto_project / "README.md").read_text()
     for options in (cpu, gpu, auto):
         for name in ("nodes", "ntasks-per-node", "cpus-per-task", "time", "signal", "open-mode"):
             assert "# " in options[name], f"--{name} has no comment saying what to change"
@@ -190,22 +195,41 @@ SLURM_ENV = {
 }
 
 
+def python_env(path: Path, has_project: bool) -> Path:
+    """A stand-in environment whose python imports the project (exits 0) or not."""
+    (path / "bin").mkdir(parents=True, exist_ok=True)
+    python = path / "bin/python"
+    python.write_text(f"#!/usr/bin/env bash\nexit {0 if has_project else 1}\n")
+    python.chmod(0o755)
+    return path
+
+
 def run_sbatch(
-    project: Path, tmp_path: Path, srun_body: str, send_usr1: bool = False, **slurm_env: str
+    project: Path, tmp_path: Path, srun_body: str, send_usr1: bool = False, venv: bool = True, **slurm_env: str
 ) -> tuple[int, str]:
-    """Run the sbatch script as SLURM's batch shell would, with stubs logging every SLURM command."""
+    """Run the sbatch script as SLURM's batch shell would, with stubs logging every SLURM command, from a
+    submit directory with the project's scripts and, with ``venv``, a .venv that has the project."""
     tmp_path.mkdir(exist_ok=True)
     log = tmp_path / "slurm-calls.log"
     bin_dir = fake_bin(
         tmp_path,
-        srun=f'echo "srun NPROC=$NPROC RDZV_HOST=$RDZV_HOST $*" >> {log}\n{srun_body}',
+        srun=f'echo "srun NPROC=$NPROC RDZV_HOST=$RDZV_HOST $*" >> {log}\n'
+        f'echo "python: $(command -v python)" >> {log}\n{srun_body}',
         scontrol=f'if [[ $1 == show ]]; then echo node0; else echo "scontrol $*" >> {log}; fi',
         scancel=f'echo "scancel $*" >> {log}; kill -TERM "$(cat {tmp_path}/step.pid)"',
+        python="exit 1",  # the python on PATH: one without the project
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NPROC"))}
+    submit = tmp_path / "submit"
+    submit.mkdir(exist_ok=True)
+    if not (submit / "scripts").exists():
+        (submit / "scripts").symlink_to(project / "scripts")
+    if venv:
+        python_env(submit / ".venv", has_project=True)
+    drop = ("SLURM_", "NPROC", "VIRTUAL_ENV", "CONDA_PREFIX")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     batch = subprocess.Popen(
-        ["bash", str(project / "scripts/slurm.sbatch"), "epochs=3"],
-        cwd=project,
+        ["bash", str(submit / "scripts/slurm.sbatch"), "epochs=3"],
+        cwd=submit,
         env=env | SLURM_ENV | slurm_env | {"PATH": f"{bin_dir}:{os.environ['PATH']}"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -240,11 +264,51 @@ def test_sbatch_starts_a_worker_per_gpu_slurm_gave_or_per_core_on_the_cpu(cpu_pr
     assert "srun NPROC=3 " in calls
 
 
+def test_sbatch_does_not_requeue_a_run_that_saved_nothing_new_and_says_why(cpu_project, tmp_path):
+    # The launcher's exit status when its workers saved no step beyond the one the run started from.
+    step = f"sleep 60 & echo $! > {tmp_path}/pid; mv {tmp_path}/pid {tmp_path}/step.pid; wait $! || exit 3"
+    status, calls = run_sbatch(cpu_project, tmp_path, step, send_usr1=True)
+    assert "scancel --signal=TERM 812.0" in calls and "scontrol requeue" not in calls, calls
+    assert status == 3, calls
+    assert "not requeueing job 812: this run saved no step beyond the one it started from" in calls, calls
+
+
 def test_sbatch_does_not_requeue_a_finished_or_failed_run(cpu_project, tmp_path):
     status, calls = run_sbatch(cpu_project, tmp_path, "exit 0")
-    assert status == 0 and "requeue" not in calls
+    assert status == 0 and "scontrol requeue" not in calls
     status, calls = run_sbatch(cpu_project, tmp_path, "exit 1")
-    assert status == 1 and "requeue" not in calls
+    assert status == 1 and "scontrol requeue" not in calls
+
+
+def test_sbatch_runs_the_python_that_has_the_project_or_says_how_to_give_it_one(cpu_project, tmp_path):
+    """Not just whatever python the submitting shell had on PATH (sbatch passes the environment on)."""
+    status, calls = run_sbatch(cpu_project, tmp_path / "venv", "exit 0")  # make install's .venv
+    assert status == 0 and f"python: {tmp_path}/venv/submit/.venv/bin/python" in calls, calls
+    active = python_env(tmp_path / "active", has_project=True)  # an environment active at submission
+    status, calls = run_sbatch(cpu_project, tmp_path / "active-env", "exit 0", VIRTUAL_ENV=str(active))
+    assert status == 0 and f"python: {active}/bin/python" in calls, calls
+    other = python_env(tmp_path / "other", has_project=False)  # active, but without the project: .venv
+    status, calls = run_sbatch(cpu_project, tmp_path / "other-env", "exit 0", CONDA_PREFIX=str(other))
+    assert status == 0 and f"python: {tmp_path}/other-env/submit/.venv/bin/python" in calls, calls
+    status, calls = run_sbatch(cpu_project, tmp_path / "none", "exit 0", venv=False, VIRTUAL_ENV=str(other))
+    assert status == 1 and "srun" not in calls, calls
+    assert calls.strip().splitlines() == [
+        f"slurm.sbatch: no Python with my_project installed: run make install in {tmp_path}/none/submit, "
+        "or submit with its environment active"
+    ]
+
+
+LAUNCH_ENV = {"NNODES": "1", "RDZV_HOST": "localhost", "RDZV_ID": "test"}
+
+
+def test_sbatch_and_launchers_run_no_command_hidden_in_slurm_values(cpu_project, tmp_path):
+    crafted = f"a[$(touch {tmp_path}/ran)]"  # bash arithmetic would run the command in it
+    status, calls = run_sbatch(cpu_project, tmp_path / "job-id", "exit 0", SLURM_JOB_ID=crafted)
+    assert status == 1 and calls.strip() == f"slurm.sbatch: SLURM_JOB_ID={crafted} is not a job id: submit with sbatch"
+    for script in ("train_single_node.sh", "train_multi_node.sh"):
+        result = launch_command(cpu_project, script, tmp_path, SLURM_CPUS_PER_TASK=crafted, **LAUNCH_ENV)
+        assert result.returncode == 1 and "not a number of cores" in result.stderr, result.stderr
+    assert not (tmp_path / "ran").exists()
 
 
 # --- torchrun through the scripts, on the CPU -----------------------------------------------------
@@ -316,9 +380,167 @@ def test_sigterm_to_the_launcher_saves_and_ends_with_75_without_a_traceback(cpu_
     finally:
         stop_all([launcher])
     text = log.read_text()
-    assert re.search(r"received SIGTERM on ranks? [\d, ]+: saved", text), text[-3000:]
-    assert "exit status 75 (preempted)" in text, text[-3000:]
+    saved = re.search(r"received SIGTERM on ranks? [\d, ]+: saved \S+ at step (\d+)", text)
+    assert saved, text[-3000:]
+    said = f"torchrun: stopped by SIGTERM; its workers saved last.pt at step {saved[1]}; exit status 75 (preempted)"
+    assert said in text, text[-3000:]  # the step the workers saved, read from what they reported
     assert "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
+
+
+# What the launcher says after a stop, from what the workers reported (preemption.report_progress).
+OUTCOMES = """
+import json, os, sys
+preemption = importlib.import_module(pkg + ".preemption")
+os.environ[preemption.PROGRESS_FILE] = path = sys.argv[1]
+os.environ["LOCAL_RANK"] = "1"
+preemption.report_progress("start", 5)  # how far the run got: local rank 0 alone says
+assert not os.path.exists(path)
+os.environ["LOCAL_RANK"] = "0"
+for event, step in [("start", 5), ("save", 9), ("start", 9)]:  # a restart resumed from step 9
+    preemption.report_progress(event, step)
+reported = preemption.read_progress(path)
+os.environ["LOCAL_RANK"] = "1"
+preemption.report_progress("error")  # every rank says it ended with its error line
+assert preemption.read_progress(path)["event"] == "error"
+outcomes = [preemption.stop_outcome("stopped by SIGTERM", progress) for progress in json.loads(sys.argv[2])]
+print(json.dumps({"reported": reported, "outcomes": outcomes}))
+"""
+
+
+def test_the_launcher_says_what_a_stop_saved_and_exits_75_only_when_the_run_moved_on(cpu_project, tmp_path):
+    cases = [
+        {"first_step": 5, "step": 9, "event": "stop"},  # saved at the signal
+        {"first_step": 5, "step": 9, "event": "save"},  # killed before saving, after an earlier save
+        {"first_step": 5, "step": 5, "event": "stop"},  # saved the step it had resumed from
+        {"first_step": 5, "step": 5, "event": "start"},  # nothing saved since the launch began
+        {},  # the workers never began
+        {"first_step": 5, "step": 9, "event": "done"},  # the signal came as the run ended
+    ]
+    result = run_package_code(cpu_project, OUTCOMES, str(tmp_path / "progress.json"), json.dumps(cases))
+    answer = json.loads(result.stdout)
+    assert answer["reported"] == {"first_step": 5, "step": 9, "event": "start"}
+    (line_saved, saved), (line_earlier, earlier), *no_progress, (line_done, done) = answer["outcomes"]
+    assert saved == 75 and line_saved == (
+        "torchrun: stopped by SIGTERM; its workers saved last.pt at step 9; "
+        "exit status 75 (preempted), resume with resume=auto"
+    )
+    assert earlier == 75 and "saved nothing at the signal" in line_earlier and "holds step 9" in line_earlier
+    assert [status for _, status in no_progress] == [3, 3, 3]
+    assert [line for line, _ in no_progress][:2] == [
+        "torchrun: stopped by SIGTERM; no step beyond 5, where it began, was saved; exit status 3 (no progress), "
+        "not 75, so that nothing requeues it to redo the same steps"
+    ] * 2
+    assert "its workers had not begun training, nothing was saved; exit status 3" in no_progress[2][0]
+    assert done == 0 and line_done == "torchrun: stopped by SIGTERM after the run had completed; exit status 0"
+
+
+# A worker under the launcher that reports a start at step 7 and waits, or crashes with a traceback.
+FAKE_WORKER = """
+import importlib, sys, time
+preemption = importlib.import_module(sys.argv[1] + ".preemption")
+if sys.argv[2] == "crash":
+    raise RuntimeError("a crash, not an error the run explains")
+preemption.report_progress("start", 7)
+print("started", flush=True)
+time.sleep(300)
+"""
+
+
+def start_launcher(project: Path, log: Path, *argv: str) -> subprocess.Popen:
+    """``python -m <package>.preemption argv...``: torchrun through the project's launcher."""
+    package = project_answers(project)["package_name"]
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"{package}.preemption", *argv],
+            cwd=project,
+            env=project_env(project) | {"PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def test_a_stop_before_any_save_exits_3_saying_so_and_a_crash_keeps_torchruns_report(cpu_project, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(FAKE_WORKER)
+    package = project_answers(cpu_project)["package_name"]
+    logs = [tmp_path / "stopped.log", tmp_path / "crashed.log"]
+    standalone = ("--standalone", "--nproc-per-node=1", str(script), package)
+    launchers = [start_launcher(cpu_project, logs[0], *standalone, "wait")]
+    launchers.append(start_launcher(cpu_project, logs[1], *standalone, "crash"))
+    try:
+        wait_for(logs[0], "started", launchers[:1])
+        launchers[0].send_signal(signal.SIGTERM)
+        statuses = [timing.wait(launcher, 60) for launcher in launchers]
+    finally:
+        stop_all(launchers)
+    stopped, crashed = (log.read_text() for log in logs)
+    assert statuses[0] == 3, stopped[-3000:]
+    assert stopped.rstrip().endswith(
+        "torchrun: stopped by SIGTERM; no step beyond 7, where it began, was saved; exit status 3 (no progress), "
+        "not 75, so that nothing requeues it to redo the same steps"
+    ), stopped[-3000:]
+    assert "Traceback" not in stopped, stopped[-3000:]
+    assert statuses[1] == 1 and "ChildFailedError" in crashed and "RuntimeError: a crash" in crashed, crashed[-3000:]
+
+
+def test_workers_that_end_with_their_own_error_line_get_one_line_from_the_launcher(cpu_project, tmp_path):
+    log = tmp_path / "launch.log"
+    launcher = start_script(
+        cpu_project, "train_single_node.sh", log, "epochs=abc", f"output_dir={tmp_path / 'run'}", NPROC="1"
+    )
+    try:
+        status = timing.wait(launcher, 90)
+    finally:
+        stop_all([launcher])
+    text = log.read_text()
+    assert status == 1 and "error: epochs: expected int, got 'abc'" in text, text[-3000:]
+    assert text.rstrip().endswith("torchrun: the workers stopped with an error (above); exit status 1"), text[-3000:]
+    assert "ChildFailedError" not in text and "Traceback" not in text, text[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:  # a port free now
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_rendezvous_that_times_out_or_loses_its_store_ends_with_one_line_naming_it(cpu_project, tmp_path):
+    """A second node that never comes; a store host nobody serves (as when its node died); a SIGTERM
+    while the launcher waits for the other node."""
+    port, lonely_id, waiting_port = free_port(), uuid.uuid4().hex, free_port()
+    rdzv = {"NNODES": "2", "NPROC": "1", "RDZV_HOST": "127.0.0.1", "RDZV_PORT": str(port), "RDZV_TIMEOUT": "2"}
+    logs = [tmp_path / "alone.log", tmp_path / "no-store.log", tmp_path / "stopped.log"]
+    launchers = [start_script(cpu_project, "train_multi_node.sh", logs[0], "epochs=1", RDZV_ID=lonely_id, **rdzv)]
+    endpoint = f"127.0.0.1:{free_port()}"
+    no_store = ("--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=orphan")
+    no_store += ("--rdzv-conf=is_host=0,read_timeout=1", "-m", f"{project_answers(cpu_project)['package_name']}.train")
+    launchers.append(start_launcher(cpu_project, logs[1], *no_store))
+    waiting = rdzv | {"RDZV_PORT": str(waiting_port), "RDZV_TIMEOUT": "300", "RDZV_ID": "waiting"}
+    launchers.append(start_script(cpu_project, "train_multi_node.sh", logs[2], "epochs=1", **waiting))
+    try:
+        budget = timing.Budget(60)
+        while not listening(waiting_port):  # its torchrun holds the rendezvous and waits for a second node
+            assert not budget.expired() and launchers[2].poll() is None, logs[2].read_text()[-3000:]
+            time.sleep(0.1)
+        launchers[2].send_signal(signal.SIGTERM)
+        statuses = [timing.wait(launcher, 60) for launcher in launchers]
+    finally:
+        stop_all(launchers)
+    alone, orphan, stopped = (log.read_text() for log in logs)
+    assert statuses == [1, 1, 3], alone[-3000:] + orphan[-3000:] + stopped[-3000:]
+    assert stopped.rstrip().endswith(
+        "torchrun: stopped by SIGTERM; its workers had not begun training, nothing was saved; "
+        "exit status 3 (no progress), not 75, so that nothing requeues it to redo the same steps"
+    ), stopped[-3000:]
+    assert alone.rstrip().endswith(
+        f"torchrun: rendezvous {lonely_id} at 127.0.0.1:{port} timed out: only this node of 2 joined within "
+        "join_timeout=2 s (RDZV_TIMEOUT); a node did not start, or was lost and its launcher ended; exit status 1"
+    ), alone[-3000:]
+    last = orphan.rstrip().splitlines()[-1]
+    assert last.startswith(f"torchrun: rendezvous orphan at {endpoint} lost its store"), orphan[-3000:]
+    assert "read_timeout=1 s" in last and last.endswith("; exit status 1"), last
+    assert "Traceback" not in alone + orphan, alone[-3000:] + orphan[-3000:]
 
 
 def test_two_node_launch_on_loopback_resumes_after_a_worker_is_killed(cpu_project, tmp_path):
@@ -379,6 +601,26 @@ def start_two_nodes(
     return nodes, logs
 
 
+@pytest.mark.slow  # two nodes train an epoch: some 15 s of two cores
+def test_sigterm_to_both_launchers_of_a_two_node_run_saves_and_each_says_which_step(cpu_project, tmp_path):
+    """A plain kill -TERM of both launchers, as scancel --signal=TERM does: each reads its own node's report."""
+    nodes, logs = start_two_nodes(cpu_project, tmp_path)
+    try:
+        wait_for(logs[0], "epoch 1/3 |", nodes)
+        for node in nodes:
+            node.send_signal(signal.SIGTERM)
+        statuses = [timing.wait(node, 90) for node in nodes]
+    finally:
+        stop_all(nodes)
+    text = [log.read_text() for log in logs]
+    assert statuses == [PREEMPTED_EXIT_CODE] * 2, text[0][-3000:] + text[1][-3000:]
+    saved = re.search(r"received SIGTERM on ranks 0, 1: saved \S+ at step (\d+)", text[0])
+    assert saved, text[0][-3000:]
+    for node_text in text:
+        said = node_text.rstrip().splitlines()[-1]
+        assert said.startswith(f"torchrun: stopped by SIGTERM; its workers saved last.pt at step {saved[1]}; "), said
+
+
 @pytest.mark.cluster  # waits out timeouts: about a minute and a half of the default run
 def test_two_node_launch_fails_within_rdzv_timeout_when_a_node_dies(cpu_project, tmp_path):
     """kill -9 of a whole node (its torchrun and its worker) after the first epoch.
@@ -400,7 +642,13 @@ def test_two_node_launch_fails_within_rdzv_timeout_when_a_node_dies(cpu_project,
     finally:
         stop_all(nodes)
     text = logs[0].read_text()
-    assert status not in (0, PREEMPTED_EXIT_CODE) and "RendezvousTimeoutError" in text, text[-4000:]
+    assert status not in (0, PREEMPTED_EXIT_CODE), text[-4000:]
+    last = text.rstrip().splitlines()[-1]  # one line naming the rendezvous and the timeout, no traceback
+    assert re.fullmatch(
+        rf"torchrun: rendezvous \w+ at 127\.0\.0\.1:\d+ timed out: only this node of 2 joined within "
+        rf"join_timeout={rdzv_timeout} s \(RDZV_TIMEOUT\); .*; exit status 1",
+        last,
+    ), text[-4000:]
     assert rdzv_timeout <= waited < rdzv_timeout + 60, waited
 
 

@@ -6,6 +6,7 @@ published weights are tested through a file already in the torch cache, and offl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -212,12 +213,24 @@ def test_a_1000_class_resnet18_loads_into_a_3_class_model_skipping_fc(project, i
     assert FC_SKIPPED in result.stdout
 
 
-def run_offline(project, torch_home, *args: str) -> subprocess.CompletedProcess:
-    """Train with the torch cache in ``torch_home`` and every download failing at once (a dead proxy)."""
+def run_offline(project, torch_home, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    """Train (or run ``code``) with the torch cache in ``torch_home``, every download failing at once (a dead proxy)."""
     env = {**project_env(project), "TORCH_HOME": str(torch_home)}
     env.update({name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")})
-    command = [sys.executable, "-m", "my_project.train", *args]
+    command = [sys.executable, *(["-c", code] if code else ["-m", "my_project.train"]), *args]
     return timing.run(command, 300, cwd=project, env=env)
+
+
+# Train with ResNet18_Weights.IMAGENET1K_V1 published under the name given first: the cache holds
+# random weights, not ImageNet's, so the name must carry their own hash for them to be read.
+PUBLISHED_AS = """
+import sys
+import torchvision
+from my_project import train
+
+torchvision.models.ResNet18_Weights.IMAGENET1K_V1.value.url = "https://download.pytorch.org/models/" + sys.argv.pop(1)
+train.main(sys.argv[1:])
+"""
 
 
 def test_weights_by_name_come_from_the_torch_cache_and_fail_offline_in_one_line(
@@ -236,11 +249,116 @@ def test_weights_by_name_come_from_the_torch_cache_and_fail_offline_in_one_line(
 
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True, exist_ok=True)  # the failed download made it
-    shutil.copy(imagenet_resnet18, cache / "resnet18-f37072fd.pth")  # the file name torchvision downloads to
-    cached = run_offline(project, tmp_path / "torch", *common, f"output_dir={tmp_path / 'cached'}")
+    name = f"resnet18-{hashlib.sha256(imagenet_resnet18.read_bytes()).hexdigest()[:8]}.pth"
+    shutil.copy(imagenet_resnet18, cache / name)
+    cached = run_offline(
+        project, tmp_path / "torch", name, *common, f"output_dir={tmp_path / 'cached'}", code=PUBLISHED_AS
+    )
     check(cached, "training from cached weights", project)
     assert "pretrained weights DEFAULT of resnet18: loaded 120, missing 0, unexpected 0, " in cached.stdout
     assert FC_SKIPPED in cached.stdout
+
+
+# Files planted in the torch cache under a published weights' name: random weights under torchvision's
+# name for them, then a pickle that would touch MARKER when unpickled, named with its own hash.
+PLANTED = """
+import hashlib, shutil
+from pathlib import Path
+import torch, torchvision
+from my_project.checkpoint import CheckpointError
+from my_project.config import ModelConfig
+from my_project.data import DataInfo
+from my_project.model import build_model
+from my_project.pretrained import load_torchvision_weights
+
+marker, cache = Path(MARKER), Path(torch.hub.get_dir()) / "checkpoints"  # in $TORCH_HOME
+cache.mkdir(parents=True)
+info = DataInfo("imagefolder", ["a", "b"], (3, 32, 32), [0.5] * 3, [0.5] * 3)
+model = build_model(ModelConfig(arch="resnet18"), info)
+
+
+def outcome():
+    try:
+        return str(load_torchvision_weights(model, "resnet18", "DEFAULT", []))
+    except CheckpointError as err:
+        return str(err)
+
+
+shutil.copy(WEIGHTS, cache / "resnet18-f37072fd.pth")
+print(outcome())
+
+
+class Payload:
+    def __reduce__(self):
+        return (Path.touch, (marker,))
+
+
+crafted = cache / "crafted.pth"
+torch.save({"fc.weight": Payload()}, crafted)
+crafted = crafted.rename(cache / f"resnet18-{hashlib.sha256(crafted.read_bytes()).hexdigest()[:8]}.pth")
+torchvision.models.ResNet18_Weights.IMAGENET1K_V1.value.url = f"https://download.pytorch.org/models/{crafted.name}"
+print(outcome())
+print(f"marker: {marker.exists()}")
+"""
+
+
+def test_a_file_planted_in_the_torch_cache_is_read_only_with_the_published_hash_and_never_unpickled(
+    project, imagenet_resnet18, tmp_path
+):
+    code = PLANTED.replace("MARKER", repr(str(tmp_path / "unpickled"))).replace("WEIGHTS", repr(str(imagenet_resnet18)))
+    result = check(run_offline(project, tmp_path / "torch", code=code), "planted files", project)
+    wrong_hash, pickled, marker = result.stdout.strip().splitlines()[-3:]
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert wrong_hash.startswith(f"{cache / 'resnet18-f37072fd.pth'} is not ResNet18_Weights.IMAGENET1K_V1: ")
+    assert "its SHA-256 does not begin with f37072fd" in wrong_hash and "remove it to download it again" in wrong_hash
+    assert "holds more than tensors and plain values: refused, not unpickled" in pickled, pickled
+    assert marker == "marker: False"
+
+
+# 16-bit greyscale pictures, the smallest pictures torchvision's models take, and pretrained.path
+# with pretrained.weights, each checked in the project's own functions.
+PICTURES_AND_SIZES = """
+import numpy as np
+import torch
+from PIL import Image
+from my_project import train
+from my_project.config import ConfigError, load_config
+from my_project.data import DataInfo, read_image
+from my_project.model import check_input_size
+
+grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+Image.fromarray(grey).save(PATH)
+picture = np.asarray(read_image(PATH))
+print(Image.open(PATH).mode, picture.shape, picture.min(), picture.max(), round(float(picture.mean()), 1))
+for arch, side in [("inception_v3", 32), ("inception_v3", 75), ("vit_b_16", 30), ("vit_b_16", 32), ("resnet18", 8)]:
+    try:
+        check_input_size(arch, side, side)
+        print("ok")
+    except ConfigError as err:
+        print(err)
+cfg = load_config(None, ["model.arch=resnet18", "pretrained.path=weights.pt", "pretrained.weights=DEFAULT"])
+info = DataInfo("imagefolder", ["a", "b"], (3, 32, 32), [0.5] * 3, [0.5] * 3)
+try:
+    train.build_state(cfg, torch.device("cpu"), 1, info)
+except ConfigError as err:
+    print(err)
+"""
+
+
+def test_16_bit_pictures_small_pictures_and_two_pretrained_sources_are_handled_before_training(project, tmp_path):
+    code = PICTURES_AND_SIZES.replace("PATH", repr(str(tmp_path / "grey16.png")))
+    picture, *sizes, both = run_python(project, code).stdout.strip().splitlines()[-7:]
+    # 0..65535 scaled to 0..255, not clipped to white.
+    assert picture == "I;16 (64, 64, 3) 0 255 127.5", picture
+    assert sizes == [
+        "model.arch=inception_v3 takes pictures of at least 75x75 pixels, not 32x32: set data.image_size=75 or more",
+        "ok",
+        "model.arch=vit_b_16 cuts pictures into 16x16 patches: data.image_size must be a multiple of 16 (32, say), "
+        "not 30",
+        "ok",
+        "ok",
+    ]
+    assert both == "pretrained.path and pretrained.weights are both set: keep one, set the other to null"
 
 
 @pytest.fixture(scope="module")

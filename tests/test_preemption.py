@@ -7,6 +7,7 @@ training code has no test hooks.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -20,7 +21,15 @@ import pytest
 import timing
 import torch
 from questionnaire import questions
-from rendering import PREEMPTED_EXIT_CODE, SMOKE_OVERRIDES, project_answers, project_env, render, train
+from rendering import (
+    PREEMPTED_EXIT_CODE,
+    SMOKE_OVERRIDES,
+    project_answers,
+    project_env,
+    render,
+    run_package_code,
+    train,
+)
 
 # Long enough epochs (about 200 steps) that a signal sent after epoch 1's line lands mid-epoch 2, the last.
 LONG_EPOCHS = (
@@ -150,6 +159,49 @@ def test_kill_9_at_random_moments_never_leaves_last_pt_unreadable(default_projec
         # A save cut short leaves its temporary file; the next save removes it, so they never pile up.
         assert len(list((out / "checkpoints").glob(".*.tmp"))) <= 1
     assert epochs_seen[-1] > epochs_seen[1]  # each restart resumed and went on training
+
+
+# Two runs in one process, each sent a SIGTERM from inside the call named first, which it then makes:
+# build_state is start-up, before the first step; summarize_run comes after the last epoch's save.
+# Prints each run's exit status.
+SIGTERM_AT = """
+import json, os, signal, sys
+train = importlib.import_module(pkg + ".train")
+codes = {}
+for where, out in zip(("build_state", "summarize_run"), sys.argv[1:3], strict=True):
+    function = getattr(train, where)
+    def signalled(*args, function=function, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return function(*args, **kwargs)
+    setattr(train, where, signalled)
+    try:
+        train.main([*sys.argv[3:], f"output_dir={out}"])
+        codes[where] = 0
+    except SystemExit as stop:
+        codes[where] = stop.code
+    setattr(train, where, function)
+print(json.dumps(codes))
+"""
+
+
+def test_a_signal_in_start_up_asks_for_a_rerun_and_one_after_the_last_epoch_leaves_the_run_complete(
+    default_project, tmp_path
+):
+    starting, ending = tmp_path / "starting", tmp_path / "ending"
+    result = run_package_code(default_project, SIGTERM_AT, str(starting), str(ending), *SMOKE_OVERRIDES, "epochs=1")
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]  # not killed by either signal
+    codes = json.loads(result.stdout.splitlines()[-1])
+
+    # In start-up: one line, and 75 for the scheduler to start it again; nothing written, nothing trained.
+    assert codes["build_state"] == PREEMPTED_EXIT_CODE, result.stdout
+    message = "received SIGTERM during start-up: nothing trained yet, nothing saved; start it again (resume=auto)"
+    assert message in result.stdout
+    assert not starting.exists()
+    # After the last epoch was saved: a complete run, exit status 0, its summary written.
+    assert codes["summarize_run"] == 0, result.stdout
+    assert "received SIGTERM after the last step: ignored, the run is complete" in result.stdout
+    assert json.loads((ending / "summary.json").read_text())["epochs_completed"] == 1
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 # --- DDP: the same guarantees with 2 gloo ranks under torchrun --------------------------------------

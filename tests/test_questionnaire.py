@@ -16,6 +16,8 @@ from rendering import render
         ({"package_name": "class"}, "is a Python keyword"),
         ({"package_name": "torch"}, "would shadow the module of that name"),
         ({"package_name": "collections"}, "would shadow the module of that name"),
+        # The standard library's own tests: sys.stdlib_module_names leaves the package out.
+        ({"project_name": "test"}, "package_name 'test' would shadow the module of that name"),
         ({"package_name": "1st_model"}, "must be a lowercase Python identifier"),
         ({"package_name": "My-Package"}, "must be a lowercase Python identifier"),
         ({"project_name": "My Project"}, "project_name must be lowercase"),

@@ -39,6 +39,18 @@ train.evaluate = evaluate_then_stop
 sweep.main(sys.argv[3:])
 """
 
+# The sweep, each trial's run sent a SIGTERM after its last epoch's save (as it writes its summary).
+SIGTERM_AFTER_EACH_TRIAL = """
+import os, signal, sys
+train = importlib.import_module(pkg + ".train")
+summarize_run = train.summarize_run
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return summarize_run(*args, **kwargs)
+train.summarize_run = signalled
+importlib.import_module(pkg + ".sweep").main(sys.argv[1:])
+"""
+
 # The sweep with its heartbeat at HEARTBEAT_S seconds (first argument).
 SWEEP_WITH_HEARTBEAT = """
 import sys
@@ -128,10 +140,43 @@ def test_an_interrupted_sweep_reruns_the_stopped_trial_and_resumes_to_the_asked_
     assert other.returncode != 0 and "continue it with the same arguments" in other.stderr
 
 
-def test_a_killed_trial_is_failed_by_its_silent_heartbeat_and_run_again(sweep_project, tmp_path):
+def test_a_signal_after_a_trials_last_step_completes_that_trial_and_stops_the_sweep_before_the_next(
+    sweep_project, tmp_path
+):
+    sweep_dir = tmp_path / "sweep"
+    arguments = ("--trials", "2", "--dir", str(sweep_dir), *QUICK, *SPACE)
+    stopped = run_package_code(sweep_project, SIGTERM_AFTER_EACH_TRIAL, *arguments)
+
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr
+    assert "received SIGTERM after the last step: ignored, the run is complete" in stopped.stdout
+    assert "stopped by SIGTERM after 1 of 2 trials: run the same command to continue" in stopped.stderr
+    assert states(load_study(sweep_dir)) == ["COMPLETE"]
+    assert json.loads((sweep_dir / "trial-0000" / "summary.json").read_text())["epochs_completed"] == 2
+
+
+def test_a_killed_trial_is_failed_at_once_on_its_machine_and_the_table_never_shows_it_running(sweep_project, tmp_path):
     sweep_dir = tmp_path / "sweep"
     arguments = ("--trials", "3", "--dir", str(sweep_dir), *QUICK, *SPACE)
-    killed = run_package_code(sweep_project, INTERRUPTED_SWEEP, str(int(signal.SIGKILL)), "1", *arguments)
+    killed = run_package_code(sweep_project, INTERRUPTED_SWEEP, str(int(signal.SIGKILL)), "60", *arguments)
+    assert killed.returncode == -signal.SIGKILL
+    assert states(load_study(sweep_dir)) == ["COMPLETE", "RUNNING"]
+
+    # At once, its heartbeat not yet stale: the sweep sees the trial's process is gone. One trial was
+    # asked for, so this run trains nothing and prints the table: the dead trial is failed, not running.
+    table = check(sweep(sweep_project, sweep_dir, 1, *QUICK, *SPACE), "sweep of one trial", sweep_project).stdout
+    rows = {line.split()[0]: line.split()[1] for line in table.splitlines() if line[:1].isdigit()}
+    assert rows == {"0": "complete", "1": "fail", "2": "waiting"}, table
+    assert load_study(sweep_dir).trials[2].user_attrs["rerun_of"] == 1  # its parameters queued to run again
+
+
+# The killed sweep, as if on another machine: this one cannot tell whether the trial's process lives.
+ELSEWHERE = "import socket\nsocket.gethostname = lambda: 'another-machine'\n"
+
+
+def test_another_machines_killed_trial_is_failed_by_its_silent_heartbeat_and_run_again(sweep_project, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    arguments = ("--trials", "3", "--dir", str(sweep_dir), *QUICK, *SPACE)
+    killed = run_package_code(sweep_project, ELSEWHERE + INTERRUPTED_SWEEP, str(int(signal.SIGKILL)), "1", *arguments)
     assert killed.returncode == -signal.SIGKILL
     assert states(load_study(sweep_dir)) == ["COMPLETE", "RUNNING"]
 

@@ -303,9 +303,12 @@ def test_a_file_that_is_not_a_checkpoint_exits_with_one_clear_error(pretrained_p
     project, (_, _, not_tensors) = pretrained_project
     text = tmp_path / "notes.pt"
     text.write_text("hello\n")
+    foreign = tmp_path / "foreign.pt"  # tensors, none of which the model has: it would train from scratch
+    torch.save({"encoder.weight": torch.zeros(4, 4), "head.1.weight": torch.zeros(10, 64)}, foreign)
     for path, message in [
         (text, f"error: pretrained.path {text} is not a PyTorch checkpoint or state dict"),
         (not_tensors, f"error: pretrained.path {not_tensors} holds no state dict"),
+        (foreign, f"error: pretrained.path {foreign}: none of its 2 tensors loads into this model (loaded 0, "),
         (tmp_path / "absent.pt", f"error: pretrained.path {tmp_path / 'absent.pt'} does not exist"),
     ]:
         result = run_module(project, "train", *QUICK, f"pretrained.path={path}", f"output_dir={tmp_path / 'run'}")

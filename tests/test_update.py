@@ -95,15 +95,31 @@ def test_update_keeps_the_users_edit_and_brings_the_templates_change(template_re
 
 
 def test_a_conflicting_edit_is_shown_as_a_conflict_never_silently_overwritten(template_repo, tmp_path):
-    project = render_v1(template_repo, tmp_path / "project")
+    """Copier exits 0 with conflict markers left in files: the project's `make update` fails naming them.
+    Copier's message after the update names the answers it drops: an unknown question, and the questions
+    that an answer given now stops asking (compile, asked only without dataparallel, was answered true)."""
+    project = render_v1(template_repo, tmp_path / "project", compile=True)
     edit(project / CONFIG, "batch_size: 64", "batch_size: 128")
     commit_all(project, "user: bigger batches")
 
     edit(template_repo / "template/configs/default.yaml.jinja", "batch_size: 64", "batch_size: 32")
     commit_all(template_repo, "template 0.2.0", tag="v0.2.0")
 
-    update(project)
+    copier_cli = Path(sys.executable).parent / "copier"
+    arguments = "--defaults --data parallelism=dataparallel --data foo=bar"
+    result = subprocess.run(
+        ["make", "update", f"COPIER={copier_cli}", f"ARGS={arguments}"], cwd=project, capture_output=True, text=True
+    )
 
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "error: resolve the conflicts copier update left in: configs/default.yaml\n" in result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: foo=bar was ignored: copier.yml has no question foo",
+        "note: with parallelism=dataparallel, compile and sync_batchnorm are not asked: any answer from before "
+        "this update is dropped (git diff .copier-answers.yml shows which)",
+    ]
+    assert "compile" not in project_answers(project)
     config = (project / CONFIG).read_text()
     rejects = list(project.rglob("*.rej"))
     if rejects:  # Copier's `--conflict rej` mode: the file keeps the user's line, the .rej the template's
