@@ -31,13 +31,13 @@ def test_default_project_trains_and_writes_checkpoints_and_summary(default_proje
     best_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ") and "(best)" in line]
     assert summary["best_epoch"] == int(best_lines[-1].split("/")[0].removeprefix("epoch "))
 
-    # The run ends by saying what it reached, where its checkpoints are and what to run next.
+    # The run ends with one line: what it reached, where its checkpoints are and what to run next.
     best, package = out / "checkpoints" / "best.pt", project_answers(default_project)["package_name"]
-    assert result.stdout.splitlines()[-2:] == [
+    assert result.stdout.splitlines()[-1] == (
         f"done: best val_accuracy {summary['best_metric']:.4f} at epoch {summary['best_epoch']} of 2; "
-        f"checkpoints {best} (best), last.pt (last)",
-        f"next: python -m {package}.evaluate {best} | python -m {package}.predict {best} IMAGE...",
-    ]
+        f"checkpoints {best} (best), last.pt (last); "
+        f"next: python -m {package}.evaluate {best} | python -m {package}.predict {best} IMAGE..."
+    )
 
     for name in ("last.pt", "best.pt"):
         state = torch.load(out / "checkpoints" / name, weights_only=True)
@@ -61,7 +61,7 @@ def test_resume_matches_an_uninterrupted_run_bit_for_bit(default_project, tmp_pa
     # The stopped run's last line is the command that continues it, with the overrides it was given.
     package = project_answers(default_project)["package_name"]
     resume = shlex.join([f"{package}.train", *common, "epochs=4", f"output_dir={tmp_path / 'split'}", "resume=auto"])
-    assert interrupted.stdout.splitlines()[-1] == f"resume: python -m {resume}"
+    assert interrupted.stdout.splitlines()[-1].endswith(f"; resume: python -m {resume}")
     first = _final_state(tmp_path / "split")["progress"]  # the interrupted process's time, up to its save
     resumed = train(default_project, *common, "epochs=4", "resume=auto", f"output_dir={tmp_path / 'split'}")
     assert "resumed from" in resumed.stdout

@@ -124,7 +124,7 @@ def test_an_older_checkpoint_gets_default_bookkeeping_and_resumes(render_project
     # Epoch 1's best is of unknown epoch: the closing line names the epoch only when epoch 2 beat it.
     best_epoch = json.loads((out / "summary.json").read_text())["best_epoch"]
     at = "in 2 epochs" if best_epoch is None else "at epoch 2 of 2"
-    assert resumed.stdout.splitlines()[-2].startswith("done: best val_accuracy ") and f" {at}; " in resumed.stdout
+    assert resumed.stdout.splitlines()[-1].startswith("done: best val_accuracy ") and f" {at}; " in resumed.stdout
 
 
 def test_a_format_1_checkpoint_resumes_and_a_broken_one_is_one_line(default_project, tmp_path):
