@@ -17,7 +17,7 @@ dst=$1
 shift
 template=$(mktemp -d)
 trap 'rm -rf "$template"' EXIT
-for part in copier.yml validators.jinja template hooks; do
+for part in copier.yml validators.jinja config_keys.jinja template hooks; do
     [[ -e $root/$part ]] && cp -r "$root/$part" "$template/"
 done
 data=()

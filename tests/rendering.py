@@ -15,7 +15,7 @@ import timing
 import yaml
 from questionnaire import TEMPLATE_ROOT
 
-TEMPLATE_PARTS = ("copier.yml", "validators.jinja", "template", "hooks")
+TEMPLATE_PARTS = ("copier.yml", "validators.jinja", "config_keys.jinja", "template", "hooks")
 PREEMPTED_EXIT_CODE = 75  # a run stopped by SIGTERM/SIGUSR1 saved and exits with this (preemption.py)
 
 

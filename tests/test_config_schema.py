@@ -1,7 +1,7 @@
 """The rendered config schema, its default.yaml and its schema.json agree, whatever the answers.
 
-config.py (pydantic models), configs/default.yaml and configs/schema.json are three templates with the
-same keys under the same conditions. For a set of combinations in which every answer of every question
+config.py (pydantic models), configs/default.yaml and configs/schema.json are rendered from one list of
+keys, config_keys.jinja. For a set of combinations in which every answer of every question
 those files read appears at least once, plus the maximal one (every optional section), the rendered
 project's own tests/test_config.py must pass: default.yaml loads to ``Config()`` and names every key,
 and schema.json is byte for byte what ``python -m <package>.config --schema`` writes.
@@ -16,6 +16,7 @@ from questionnaire import TEMPLATE_ROOT, choice_questions, question, resolve_ans
 from rendering import check, run_module, run_project_tests
 
 CONFIG_TEMPLATES = [
+    TEMPLATE_ROOT / "config_keys.jinja",
     TEMPLATE_ROOT / "template/src/{{package_name}}/config.py.jinja",
     TEMPLATE_ROOT / "template/configs/default.yaml.jinja",
     TEMPLATE_ROOT / "template/configs/schema.json.jinja",
@@ -23,7 +24,7 @@ CONFIG_TEMPLATES = [
 
 
 def config_questions() -> list[str]:
-    """The questions whose answers the three config templates read (in their Jinja tags)."""
+    """The questions whose answers the config templates and their list of keys read (in Jinja tags)."""
     tags = " ".join(
         " ".join(re.findall(r"\{\{.*?\}\}|\{%.*?%\}", path.read_text(), re.DOTALL)) for path in CONFIG_TEMPLATES
     )

@@ -80,7 +80,8 @@ def test_update_keeps_the_users_edit_and_brings_the_templates_change(template_re
     commit_all(project, "user: fewer epochs")
 
     # The template changes the same file far from the user's edit, and adds a file.
-    edit(template_repo / "template/configs/default.yaml.jinja", "progress_bar: true", "progress_bar: false")
+    keys = template_repo / "config_keys.jinja"  # every config key's default, written once
+    edit(keys, '{"key": "progress_bar", "type": "bool", "default": true', '{"key": "progress_bar", "type": "bool", "default": false')
     (template_repo / "template/CONTRIBUTING.md").write_text("Run the tests before sending a change.\n")
     commit_all(template_repo, "template 0.2.0", tag="0.2.0")  # PEP 440 without the 'v' works as well
 
@@ -102,7 +103,7 @@ def test_a_conflicting_edit_is_shown_as_a_conflict_never_silently_overwritten(te
     edit(project / CONFIG, "batch_size: 64", "batch_size: 128")
     commit_all(project, "user: bigger batches")
 
-    edit(template_repo / "template/configs/default.yaml.jinja", "batch_size: 64", "batch_size: 32")
+    edit(template_repo / "config_keys.jinja", '{"key": "batch_size", "type": "int", "default": 64', '{"key": "batch_size", "type": "int", "default": 32')
     commit_all(template_repo, "template 0.2.0", tag="v0.2.0")
 
     copier_cli = Path(sys.executable).parent / "copier"
@@ -181,10 +182,11 @@ def test_changing_an_answer_with_update_data_adds_the_features_files_and_keeps_e
 
 
 def _rename_answer(template: Path, old: str, new: str) -> None:
-    """Rename a question in copier.yml and every Jinja expression that reads it."""
+    """Rename a question in copier.yml and every Jinja expression that reads it (a quoted "name" is text)."""
     jinja = re.compile(r"(\{\{.*?\}\}|\{%.*?%\})", re.DOTALL)
-    word = re.compile(rf"\b{old}\b")
-    for path in [template / "copier.yml", *(p for p in (template / "template").rglob("*.jinja") if p.is_file())]:
+    word = re.compile(rf"(?<![\w\"']){old}(?![\w\"'])")
+    templates = [*template.glob("*.jinja"), *(p for p in (template / "template").rglob("*.jinja") if p.is_file())]
+    for path in [template / "copier.yml", *templates]:
         text = path.read_text()
         renamed = jinja.sub(lambda m: word.sub(new, m.group(0)), text)
         if path.name == "copier.yml":
@@ -264,7 +266,8 @@ def test_the_project_of_the_readmes_first_command_takes_a_later_template_commit(
     commit_all(project, "rendered from the checkout")
 
     # A later commit of the checkout, not tagged: what a user of the README's flow pulls.
-    edit(template_repo / "template/configs/default.yaml.jinja", "progress_bar: true", "progress_bar: false")
+    keys = template_repo / "config_keys.jinja"  # every config key's default, written once
+    edit(keys, '{"key": "progress_bar", "type": "bool", "default": true', '{"key": "progress_bar", "type": "bool", "default": false')
     commit_all(template_repo, "template: no progress bar by default")
     head = git(template_repo, "rev-parse", "--short", "HEAD").strip()
 
