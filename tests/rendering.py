@@ -84,9 +84,17 @@ def check(result: subprocess.CompletedProcess, what: str, project: Path) -> subp
     return result
 
 
+def layered(overrides: tuple[str, ...] | list[str]) -> list[str]:
+    """Overrides stacked by a test (smoke settings, then the test's own): the last setting of a key wins,
+    as train refuses a key given twice on its command line."""
+    settings = {(item if item.startswith("-") else item.partition("=")[0]): item for item in overrides}
+    return list(settings.values())
+
+
 def run_module(project: Path, module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m <package>.<module> args...`` in the project directory."""
+    """Run ``python -m <package>.<module> args...`` in the project directory (train's overrides layered)."""
     package = project_answers(project)["package_name"]
+    args = tuple(layered(args)) if module == "train" else args
     return run_in_project(project, [sys.executable, "-m", f"{package}.{module}", *args], timeout)
 
 
@@ -117,7 +125,7 @@ def torchrun(project: Path, *overrides: str, nproc: int = 2, timeout: float = 30
     """Train the rendered project as ``torchrun --standalone --nproc_per_node=N``, on one machine."""
     package = project_answers(project)["package_name"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    result = run_in_project(project, [*command, "-m", f"{package}.train", *overrides], timeout)
+    result = run_in_project(project, [*command, "-m", f"{package}.train", *layered(overrides)], timeout)
     return check(result, "torchrun", project)
 
 
