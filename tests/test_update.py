@@ -81,7 +81,11 @@ def test_update_keeps_the_users_edit_and_brings_the_templates_change(template_re
 
     # The template changes the same file far from the user's edit, and adds a file.
     keys = template_repo / "config_keys.jinja"  # every config key's default, written once
-    edit(keys, '{"key": "progress_bar", "type": "bool", "default": true', '{"key": "progress_bar", "type": "bool", "default": false')
+    edit(
+        keys,
+        '{"key": "progress_bar", "type": "bool", "default": true',
+        '{"key": "progress_bar", "type": "bool", "default": false',
+    )
     (template_repo / "template/CONTRIBUTING.md").write_text("Run the tests before sending a change.\n")
     commit_all(template_repo, "template 0.2.0", tag="0.2.0")  # PEP 440 without the 'v' works as well
 
@@ -103,7 +107,11 @@ def test_a_conflicting_edit_is_shown_as_a_conflict_never_silently_overwritten(te
     edit(project / CONFIG, "batch_size: 64", "batch_size: 128")
     commit_all(project, "user: bigger batches")
 
-    edit(template_repo / "config_keys.jinja", '{"key": "batch_size", "type": "int", "default": 64', '{"key": "batch_size", "type": "int", "default": 32')
+    edit(
+        template_repo / "config_keys.jinja",
+        '{"key": "batch_size", "type": "int", "default": 64',
+        '{"key": "batch_size", "type": "int", "default": 32',
+    )
     commit_all(template_repo, "template 0.2.0", tag="v0.2.0")
 
     copier_cli = Path(sys.executable).parent / "copier"
@@ -267,7 +275,11 @@ def test_the_project_of_the_readmes_first_command_takes_a_later_template_commit(
 
     # A later commit of the checkout, not tagged: what a user of the README's flow pulls.
     keys = template_repo / "config_keys.jinja"  # every config key's default, written once
-    edit(keys, '{"key": "progress_bar", "type": "bool", "default": true', '{"key": "progress_bar", "type": "bool", "default": false')
+    edit(
+        keys,
+        '{"key": "progress_bar", "type": "bool", "default": true',
+        '{"key": "progress_bar", "type": "bool", "default": false',
+    )
     commit_all(template_repo, "template: no progress bar by default")
     head = git(template_repo, "rev-parse", "--short", "HEAD").strip()
 
@@ -276,3 +288,49 @@ def test_the_project_of_the_readmes_first_command_takes_a_later_template_commit(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "progress_bar: false" in (project / CONFIG).read_text()
     assert head in project_answers(project)["_commit"]
+
+
+# The last commit before every config key came from one list (config_keys.jinja): config.py, default.yaml and
+# schema.json were written out by hand in the template then. A project rendered from it must update cleanly.
+BEFORE_ONE_DEFINITION = "e903ae740d372b20ac1f65364d0ddde0966730b6"
+
+
+def test_a_project_rendered_before_the_one_definition_of_config_keys_updates_keeping_its_edits(tmp_path):
+    from questionnaire import TEMPLATE_ROOT
+
+    if subprocess.run(["git", "cat-file", "-e", BEFORE_ONE_DEFINITION], cwd=TEMPLATE_ROOT).returncode:
+        pytest.skip(f"the template's git history (commit {BEFORE_ONE_DEFINITION[:7]}) is not in this checkout")
+    repo = tmp_path / "template-repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    old = subprocess.run(
+        ["git", "archive", BEFORE_ONE_DEFINITION, "copier.yml", "validators.jinja", "template", "hooks"],
+        cwd=TEMPLATE_ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(repo)], input=old, check=True)
+    commit_all(repo, "template before the one definition", tag="v0.1.0")
+    answers = {"parallelism": "ddp", "layer_lr": True, "ema": True, "loggers": ["csv", "tensorboard"]}
+    project = render_v1(repo, tmp_path / "project", **answers)
+    edit(project / CONFIG, "epochs: 20", "epochs: 7  # the user's choice")
+    edit(project / CONFIG, "  batch_size: 64", "  batch_size: 48")
+    edit(project / CONFIG, "    head.*: 1.0", "    head.*: 1.0\n    block3.*: 0.5")
+    commit_all(project, "user: fewer epochs, smaller batches, a slower block3")
+
+    git(repo, "rm", "-rq", ".")
+    snapshot_template(repo)
+    commit_all(repo, "template with config_keys.jinja", tag="v0.2.0")
+    update(project)
+
+    config = (project / CONFIG).read_text()
+    assert "<<<<<<<" not in config, config
+    assert "epochs: 7  # the user's choice" in config and "  batch_size: 48" in config and "block3.*: 0.5" in config
+    assert git(project, "diff", "--name-only", "--diff-filter=U") == ""
+    snippet = (
+        "from my_project.config import load_config; print(load_config('configs/default.yaml').optim.lr_multipliers)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=project, env={"PYTHONPATH": "src"}, capture_output=True, text=True
+    )
+    assert loaded.stdout.strip() == "{'head.*': 1.0, 'block3.*': 0.5}", loaded.stderr[-2000:]
