@@ -13,7 +13,12 @@ torchrun's agent hosts one). Each worker lints its batch of projects with ONE ``
 combination is done once per process: parsing copier.yml, compiling Jinja templates, compiling a
 rendered module whose bytes an earlier combination already had.
 
+Answer sets that render byte-identical trees (the answers file aside) are one project: every combination
+is rendered, and a worker trains it only if no combination with the same tree digest was claimed before
+(the claims live in a dict shared by the workers); the others are reported as sharing that tree.
+
     python tests/matrix.py --tier pairwise        # or --tier exhaustive [--limit N]
+    python tests/matrix.py --tier exhaustive --count   # render and group only: combinations vs trees
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import timing  # noqa: E402
 from imagedata import write_image_folder  # noqa: E402
 from questionnaire import choice_questions, combinations, design_axes, pairwise, product_size  # noqa: E402
-from rendering import SMOKE_OVERRIDES, render, snapshot_template  # noqa: E402
+from rendering import SMOKE_OVERRIDES, read_tree, render, snapshot_template  # noqa: E402
 
 # Exhaustive tier, a smoke run: one epoch on 160 synthetic samples (128 for training) in global batches
 # of 16 with a narrow model: 8 optimiser steps, on one process or two DDP ranks alike.
@@ -131,6 +136,8 @@ def tier_overrides(tier: str, worker_dir: Path) -> tuple[str, ...]:
 @dataclass
 class Outcome:
     answers: dict[str, Any]
+    index: int = 0  # in the list of combinations run_matrix was given
+    same_tree_as: int | None = None  # the index of the combination that trained this one's tree
     render_s: float = 0.0
     train_s: float = 0.0
     error: str | None = None
@@ -141,6 +148,7 @@ class Outcome:
 
 _TEMPLATE: Path | None = None
 _TIER = "pairwise"
+_CLAIMS: Any = None  # tree digest -> index of the combination that trains it, shared by the workers
 _OPTIONAL_OVERRIDES: tuple[str, ...] = ()
 _IMAGE_ROOT: Path | None = None
 _COMPILED: dict[bytes, types.CodeType] = {}  # by the digest of the source: what compile() made of it
@@ -225,10 +233,11 @@ def _reuse_copier_work() -> None:
         copier._template.load_template_config = lambda *args, **kwargs: copy.deepcopy(parse_once(*args, **kwargs))
 
 
-def _init_worker(template: str, tier: str, scratch: str) -> None:
-    global _TEMPLATE, _TIER, _OPTIONAL_OVERRIDES, _IMAGE_ROOT
+def _init_worker(template: str, tier: str, scratch: str, claims: Any) -> None:
+    global _TEMPLATE, _TIER, _CLAIMS, _OPTIONAL_OVERRIDES, _IMAGE_ROOT
     _TEMPLATE = Path(template)
     _TIER = tier
+    _CLAIMS = claims
     worker_dir = Path(scratch) / f"worker-{os.getpid()}"
     worker_dir.mkdir(exist_ok=True)
     _IMAGE_ROOT = write_image_folder(worker_dir / "images", per_class=30, size=8)
@@ -296,6 +305,102 @@ def render_as_the_matrix_does(template: Path, jobs: list[tuple[dict[str, Any], P
     context = multiprocessing.get_context("spawn")
     with context.Pool(1, initializer=_init_render_worker, initargs=(str(template),)) as pool:
         pool.map(_render_job, [(answers, str(dst)) for answers, dst in jobs])
+
+
+# Copier's record of the answers themselves: two answer sets never share it, even when they render the same project.
+ANSWERS_FILE = ".copier-answers.yml"
+
+
+def tree_digest(root: Path) -> str:
+    """A digest of the tree under ``root``: every file's relative path, executable bit and bytes, all but
+    ``ANSWERS_FILE``. Two renders with the same digest are the same project."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path, (executable, data) in read_tree(root).items():
+        if path != ANSWERS_FILE:
+            digest.update(f"{path}\0{int(executable)}\0{len(data)}\0".encode())
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def _digest_batch(batch: list[dict[str, Any]]) -> list[str]:
+    """Render each combination of ``batch`` in turn, as the matrix workers do, and digest its tree."""
+    shm = Path("/dev/shm")
+    workdir = Path(tempfile.mkdtemp(prefix="digest-", dir=shm if os.access(shm, os.W_OK) else None))
+    try:
+        digests = []
+        for answers in batch:
+            project = render(_TEMPLATE, workdir / "p", answers)
+            digests.append(tree_digest(project))
+            shutil.rmtree(project)
+        return digests
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass
+class TreeGroups:
+    """Combinations grouped by the tree they render, each group led by the one that is trained."""
+
+    groups: list[list[dict[str, Any]]]
+    wall_s: float
+
+    @property
+    def combinations(self) -> int:
+        return sum(len(group) for group in self.groups)
+
+    def representatives(self) -> list[dict[str, Any]]:
+        """One combination per distinct tree: the first of its group."""
+        return [group[0] for group in self.groups]
+
+    @staticmethod
+    def _varying(group: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        """The answers that differ within ``group``: each question's answers, in the group's order."""
+        names = sorted({name for answers in group for name in answers})
+        values = {name: [answers.get(name) for answers in group] for name in names}
+        return {name: answers for name, answers in values.items() if len({repr(a) for a in answers}) > 1}
+
+    def shared_by(self) -> dict[tuple[str, ...], int]:
+        """For the trees several combinations render: the questions whose answers differ within a group, and
+        how many groups differ in just those."""
+        counts: dict[tuple[str, ...], int] = {}
+        for group in self.groups:
+            if len(group) > 1:
+                varying = tuple(self._varying(group))
+                counts[varying] = counts.get(varying, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: -item[1]))
+
+    def describe(self, examples: int = 3) -> str:
+        shared = [group for group in self.groups if len(group) > 1]
+        lines = [
+            f"{self.combinations} combinations render {len(self.groups)} distinct trees "
+            f"({len(shared)} of them by several combinations)"
+        ]
+        lines += [
+            f"  {count} trees shared by combinations that differ only in {', '.join(names)}"
+            for names, count in self.shared_by().items()
+        ]
+        for group in shared[:examples]:
+            differ = "; ".join(f"{name}: {' | '.join(map(repr, a))}" for name, a in self._varying(group).items())
+            lines.append(f"  e.g. one tree for {len(group)} combinations, the trained one first: {differ}")
+        return "\n".join(lines)
+
+
+def group_by_tree(combos: list[dict[str, Any]], workers: int | None = None, template: Path | None = None) -> TreeGroups:
+    """Render every combination (in ``workers`` processes, Copier's speed-ups patched in) and group those
+    whose trees have the same ``tree_digest``."""
+    workers = workers or os.cpu_count() or 1
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="digest-") as scratch:
+        template = template or snapshot_template(Path(scratch) / "template")
+        size = max(1, min(BATCH_SIZE, math.ceil(len(combos) / workers)))
+        batches = [combos[i : i + size] for i in range(0, len(combos), size)]
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers, initializer=_init_render_worker, initargs=(str(template),)) as pool:
+            digests = [digest for batch in pool.imap(_digest_batch, batches) for digest in batch]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for answers, digest in zip(combos, digests, strict=True):
+        groups.setdefault(digest, []).append(answers)
+    return TreeGroups(list(groups.values()), time.perf_counter() - started)
 
 
 def _purge(package: str) -> None:
@@ -486,12 +591,17 @@ def _check_outputs(model_module: Any, cfg: Any) -> dict[str, Any]:
     return summary
 
 
-def run_one(answers: dict[str, Any], project: Path) -> Outcome:
-    outcome = Outcome(answers)
+def run_one(index: int, answers: dict[str, Any], project: Path) -> Outcome:
+    """Render; unless another combination claimed the same tree first, train and check it."""
+    outcome = Outcome(answers, index)
     started = time.perf_counter()
     try:
         render(_TEMPLATE, project, answers)
         outcome.render_s = time.perf_counter() - started
+        first = _CLAIMS.setdefault(tree_digest(project), index)
+        if first != index:
+            outcome.same_tree_as = first
+            return outcome
         package = answers["package_name"]
         out = project / "runs" / "matrix"
         if _TIER == "pairwise":  # every render has the digits, an imagefolder one too
@@ -545,17 +655,19 @@ def _byte_compile_error(project: Path) -> str | None:
     return None
 
 
-def run_batch(batch: list[dict[str, Any]]) -> list[Outcome]:
-    """Render, train and check ``batch`` in this worker; lint the batch's projects together."""
+def run_batch(batch: list[tuple[int, dict[str, Any]]]) -> list[Outcome]:
+    """Render, train and check ``batch`` (index, answers) in this worker; lint the batch's trained projects
+    together."""
     # In memory where possible: every combination writes and deletes a project and its checkpoints.
     shm = Path("/dev/shm")
     workdir = Path(tempfile.mkdtemp(prefix="matrix-", dir=shm if os.access(shm, os.W_OK) else None))
     try:
         outcomes: dict[Path, Outcome] = {}
-        for index, answers in enumerate(batch):
+        for index, answers in batch:
             project = workdir / f"p{index}"
-            outcomes[project] = run_one(answers, project)
-        _lint({path: outcome for path, outcome in outcomes.items() if outcome.error is None})
+            outcomes[project] = run_one(index, answers, project)
+        trained = {path: o for path, o in outcomes.items() if o.error is None and o.same_tree_as is None}
+        _lint(trained)
         return list(outcomes.values())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -566,21 +678,43 @@ def run_batch(batch: list[dict[str, Any]]) -> list[Outcome]:
 
 @dataclass
 class MatrixResult:
-    outcomes: list[Outcome]
+    outcomes: list[Outcome]  # one per combination, in the order given
     wall_s: float
+
+    @property
+    def trained(self) -> list[Outcome]:
+        """One outcome per distinct tree: the combination that trained it."""
+        return [outcome for outcome in self.outcomes if outcome.same_tree_as is None]
 
     @property
     def failures(self) -> list[Outcome]:
         return [outcome for outcome in self.outcomes if outcome.error is not None]
 
+    def _groups(self) -> dict[int, list[dict[str, Any]]]:
+        groups = {outcome.index: [outcome.answers] for outcome in self.trained}
+        for outcome in self.outcomes:
+            if outcome.same_tree_as is not None:
+                groups[outcome.same_tree_as].append(outcome.answers)
+        return groups
+
+    def trees(self) -> TreeGroups:
+        """The combinations grouped by the tree they render, the trained one first in each group."""
+        return TreeGroups(list(self._groups().values()), self.wall_s)
+
     def median_render_s(self) -> float:
         return statistics.median(outcome.render_s for outcome in self.outcomes) if self.outcomes else 0.0
 
     def median_train_s(self) -> float:
-        return statistics.median(outcome.train_s for outcome in self.outcomes) if self.outcomes else 0.0
+        return statistics.median(outcome.train_s for outcome in self.trained) if self.trained else 0.0
 
     def describe_failures(self, limit: int = 5) -> str:
-        return "\n\n".join(f"{outcome.answers}\n{outcome.error}" for outcome in self.failures[:limit])
+        sharing = {index: len(group) - 1 for index, group in self._groups().items()}
+
+        def also(outcome: Outcome) -> str:
+            more = sharing.get(outcome.index, 0)
+            return f" (the tree of {more} more combinations)" if more else ""
+
+        return "\n\n".join(f"{outcome.answers}{also(outcome)}\n{outcome.error}" for outcome in self.failures[:limit])
 
 
 def run_matrix(
@@ -589,7 +723,8 @@ def run_matrix(
     workers: int | None = None,
     template: Path | None = None,
 ) -> MatrixResult:
-    """Render, train and lint every combination in ``workers`` long-lived processes (one per core)."""
+    """Render every combination, and train, check and lint one per distinct tree, in ``workers`` long-lived
+    processes (one per core)."""
     workers = workers or os.cpu_count() or 1
     started = time.perf_counter()
     shm = Path("/dev/shm")
@@ -597,16 +732,21 @@ def run_matrix(
         template = template or snapshot_template(Path(scratch) / "template")
         # Strided batches, so each worker gets a mix of cheap and costly (e.g. DDP) combinations.
         count = max(1, math.ceil(len(combos) / BATCH_SIZE), min(len(combos), workers * 2))
-        batches = [combos[i::count] for i in range(count)]
+        indexed = list(enumerate(combos))
+        batches = [indexed[i::count] for i in range(count)]
         # spawn: a clean interpreter per worker (forking a process with torch's threads running is unsafe).
         context = multiprocessing.get_context("spawn")
-        with context.Pool(
-            workers,
-            initializer=_init_worker,
-            initargs=(str(template), tier, scratch),
-            maxtasksperchild=BATCHES_PER_WORKER,
-        ) as pool:
+        with (
+            context.Manager() as manager,
+            context.Pool(
+                workers,
+                initializer=_init_worker,
+                initargs=(str(template), tier, scratch, manager.dict()),
+                maxtasksperchild=BATCHES_PER_WORKER,
+            ) as pool,
+        ):
             outcomes = [outcome for batch in pool.imap_unordered(run_batch, batches) for outcome in batch]
+    outcomes.sort(key=lambda outcome: outcome.index)
     return MatrixResult(outcomes, time.perf_counter() - started)
 
 
@@ -615,12 +755,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tier", choices=("pairwise", "exhaustive"), default="pairwise")
     parser.add_argument("--limit", type=int, default=None, help="run only the first N combinations")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    parser.add_argument("--count", action="store_true", help="render and group by tree only; train nothing")
     args = parser.parse_args(argv)
     combos = tier_combinations(args.tier)[: args.limit]
+    if args.count:
+        trees = group_by_tree(combos, args.workers)
+        print(f"{args.tier}: {trees.describe()}; rendered and grouped in {trees.wall_s:.1f}s")
+        return
     result = run_matrix(combos, args.tier, args.workers)
+    print(f"{args.tier}: {result.trees().describe()}")
     print(
-        f"{args.tier}: {len(result.outcomes)} combinations rendered and trained in {result.wall_s:.1f}s, "
-        f"{len(result.failures)} failed"
+        f"{args.tier}: {len(result.outcomes)} combinations rendered, {len(result.trained)} distinct trees trained "
+        f"in {result.wall_s:.1f}s, {len(result.failures)} failed"
     )
     if result.failures:
         print(result.describe_failures())

@@ -1,5 +1,8 @@
 """The test harness agrees with stock Copier at copier.yml's minimum version and at the newest release.
 
+A user renders with the command line: at both versions ``copier copy --data`` with a multi-select answer
+written as the README writes one renders what the harness renders for that answer.
+
 The matrix renders through Copier with speed-ups patched in, and tests/questionnaire.py decides with its
 own Jinja which questions a combination asks. Unpatched Copier, installed from the index into an
 environment of its own per version (tests/stock_copier.py), must render a sample of the matrix's
@@ -9,13 +12,15 @@ questionnaire.py says are asked, even when it is also handed answers to the ques
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 
 import pytest
 from matrix import render_as_the_matrix_does, tier_combinations
 from questionnaire import other_answers, questions
-from rendering import project_answers, tree_differences
-from stock_copier import IndexUnavailable, finish, minimum_version, newest_version, render_stock
+from rendering import project_answers, render, tree_differences
+from stock_copier import IndexUnavailable, copier_python, finish, minimum_version, newest_version, render_stock
 
 VERSIONS = {"minimum": minimum_version, "newest": newest_version}
 SAMPLE_SIZE = 8  # pairwise combinations rendered in full, besides the defaults
@@ -31,13 +36,31 @@ def version(request) -> str:
         pytest.skip(f"the package index cannot be reached to find Copier's {request.param} version: {err}")
 
 
-def _stock(version, *args, **kwargs):
+def _stock(version, *args, make=render_stock, **kwargs):
+    """``make(version, ...)``: skipped, outside CI, when that Copier cannot be installed."""
     try:
-        return render_stock(version, *args, **kwargs)
+        return make(version, *args, **kwargs)
     except IndexUnavailable as err:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"cannot install Copier {version} from the package index: {err}")
+
+
+# A multi-select answer on the command line, as the README gives one: Copier 9.7 refused it (Invalid choice).
+MULTI_SELECT_DATA = ("loggers", ["csv", "tensorboard"])
+
+
+def test_stock_copier_cli_renders_a_multi_select_answer_given_with_data(template_dir, tmp_path, version):
+    name, value = MULTI_SELECT_DATA
+    copier = _stock(version, make=copier_python).parent / "copier"
+    data = f"{name}={json.dumps(value)}"  # loggers=["csv", "tensorboard"]
+    command = [str(copier), "copy", "--trust", "--defaults", "--data", data, str(template_dir), str(tmp_path / "cli")]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, f"Copier {version}: {' '.join(command)}\n{result.stderr[-3000:]}"
+    assert project_answers(tmp_path / "cli")[name] == value
+    # The files of the chosen answer: the render the tests check for it, byte for byte.
+    render(template_dir, tmp_path / "api", {name: value})
+    assert tree_differences(tmp_path / "cli", tmp_path / "api") == []
 
 
 def test_stock_copier_renders_the_matrix_sample_byte_for_byte(template_dir, tmp_path, version):

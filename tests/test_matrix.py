@@ -1,32 +1,38 @@
 """The combination matrix: every pair of answers (pairwise tier) or every design-axis combination
 (exhaustive tier, ``pytest -m exhaustive``) renders with Copier, trains, checkpoints and lints clean.
 
-The tiers run in long-lived worker processes (tests/matrix.py); these tests also prove that the
-covering-set generator covers every pair and that the counted product matches the enumeration, and
-run the own test suites of two feature-rich projects, which the matrix does not.
+The tiers run in long-lived worker processes (tests/matrix.py); each renders every combination, groups
+those that render the same tree and trains one per tree. These tests also prove that the grouping
+follows the rendered bytes, that the covering-set generator covers every pair and that the counted
+product matches the enumeration, and run the own test suites of two feature-rich projects, which the
+matrix does not.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import timing
-from matrix import exhaustive_size, run_matrix, tier_combinations
+from matrix import ANSWERS_FILE, exhaustive_size, group_by_tree, run_matrix, tier_combinations, tree_digest
 from questionnaire import (
     Question,
     choice_questions,
     combinations,
     design_axes,
+    other_answers,
     pairwise,
     product_size,
     questions,
+    resolve_answers,
+    skipping_contexts,
     uncovered_pairs,
 )
-from rendering import project_answers, run_in_project, run_project_tests
+from rendering import project_answers, render, run_in_project, run_project_tests, tree_differences
 
 
 def _all_pairs(rows, names, multiselect=()):
@@ -123,21 +129,21 @@ def _run_tier(tier, record_property):
     expected = len(combos) if tier == "pairwise" else exhaustive_size()
     result = run_matrix(combos, tier)
     message = (
-        f"{tier} tier: {len(result.outcomes)} combinations rendered and trained (expected {expected}) "
-        f"in {result.wall_s:.0f}s; median render {result.median_render_s():.2f}s, "
-        f"train {result.median_train_s():.2f}s"
+        f"{tier} tier: {result.trees().describe()}; rendered, and {len(result.trained)} trained, "
+        f"in {result.wall_s:.0f}s (expected {expected} combinations); median render "
+        f"{result.median_render_s():.2f}s, train {result.median_train_s():.2f}s"
     )
     print(message)
     record_property("matrix", message)
     assert not result.failures, f"{len(result.failures)} combinations failed:\n{result.describe_failures()}"
     assert len(result.outcomes) == expected
-    assert all(outcome.summary["global_step"] >= 2 for outcome in result.outcomes)
+    assert all(outcome.summary["global_step"] >= 2 for outcome in result.trained)
     if tier == "exhaustive":
         # Two DDP or FSDP ranks split each global batch: the optimiser steps of one process (other answers at defaults).
         steps = {
             ddp: {
                 o.summary["global_step"]
-                for o in result.outcomes
+                for o in result.trained
                 if (o.answers.get("parallelism") in ("ddp", "fsdp")) == ddp
             }
             for ddp in (False, True)
@@ -157,10 +163,57 @@ def test_exhaustive_tier_every_design_axis_combination_renders_trains_checkpoint
     _run_tier("exhaustive", record_property)
 
 
-def test_matrix_runner_reports_the_combination_that_fails():
-    combos = [*tier_combinations("pairwise")[:1], {**tier_combinations("pairwise")[0], "package_name": "class"}]
-    result = run_matrix(combos, "pairwise", workers=1)
-    assert len(result.outcomes) == 2
+def test_tree_digest_follows_every_byte_path_and_mode_of_a_render_but_not_its_answers_file(template_dir, tmp_path):
+    project = render(template_dir, tmp_path / "project")
+    twin = tmp_path / "twin"
+    shutil.copytree(project, twin)
+    assert tree_digest(twin) == tree_digest(project)
+    # Another render's answers file: the answers differ, the project does not.
+    other = render(template_dir, tmp_path / "other", {"amp": other_answers("amp", project_answers(project))[0]})
+    shutil.copy(other / ANSWERS_FILE, twin / ANSWERS_FILE)
+    assert tree_differences(twin, project) == [ANSWERS_FILE]
+    assert tree_digest(twin) == tree_digest(project)
+    assert tree_digest(other) != tree_digest(project)
+    source = next(path for path in sorted(twin.rglob("*.py")) if path.stat().st_size)
+    for change in (
+        lambda: source.write_bytes(source.read_bytes() + b"\n"),
+        lambda: source.chmod(0o755),
+        lambda: source.rename(source.with_name("renamed.py")),
+    ):
+        change()
+        assert tree_digest(twin) != tree_digest(project)
+        shutil.rmtree(twin)
+        shutil.copytree(project, twin)
+
+
+def _twin(answers):
+    """``answers`` plus an answer to a question they do not ask: the same project (test_answers proves such an
+    answer changes no byte), found from copier.yml, and the name of that question."""
+    name = next(q.name for q in questions() if q.name not in answers and skipping_contexts(q.name))
+    return {**answers, name: other_answers(name, answers)[0]}, name
+
+
+def test_combinations_that_render_the_same_tree_are_grouped_by_the_count_mode(template_dir):
+    base = tier_combinations("pairwise")[0]
+    twin, name = _twin(base)
+    axis = next(axis for axis in design_axes() if axis in base)
+    changed = resolve_answers({**base, axis: other_answers(axis, base)[0]})
+    trees = group_by_tree([base, changed, twin], workers=1, template=template_dir)
+    assert trees.groups == [[base, twin], [changed]]
+    assert trees.representatives() == [base, changed]
+    assert trees.combinations == 3
+    assert trees.shared_by() == {(name,): 1}
+
+
+def test_matrix_runner_trains_each_tree_once_and_reports_the_combination_that_fails():
+    base = tier_combinations("pairwise")[0]
+    twin, _ = _twin(base)
+    keyword = {**base, "package_name": "class"}
+    result = run_matrix([base, keyword, twin], "pairwise", workers=1)
+    assert [outcome.answers for outcome in result.outcomes] == [base, keyword, twin]
+    assert [outcome.same_tree_as for outcome in result.outcomes] == [None, None, 0]
+    assert result.outcomes[0].summary and not result.outcomes[2].summary  # the twin's tree was trained once
+    assert result.trees().groups == [[base, twin], [keyword]]
     assert [outcome.answers["package_name"] for outcome in result.failures] == ["class"]
     assert "is a Python keyword" in result.failures[0].error
 
