@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -309,14 +310,28 @@ def render_as_the_matrix_does(template: Path, jobs: list[tuple[dict[str, Any], P
 
 # Copier's record of the answers themselves: two answer sets never share it, even when they render the same project.
 ANSWERS_FILE = ".copier-answers.yml"
+# Where a render writes the default value of each config key (all three rendered from config_keys.jinja): the
+# value is masked, the key and its type, bounds and comment are kept. An answer that only picks a default
+# (amp's dtype, device auto or cuda, compile) renders the same project, whose runs set it per run.
+DEFAULT_VALUES = {
+    "configs/default.yaml": (re.compile(rb"^(\s*[\w.*-]+:) (?!\s*#)[^#\n]*?(?=\s*(?:#|$))", re.MULTILINE), rb"\1 _"),
+    "configs/schema.json": (
+        re.compile(rb'"default": (?:\[[^]]*\]|\{[^}]*\}|"(?:[^"\\]|\\.)*"|[^,}]+)'),
+        rb'"default": _',
+    ),
+    "config.py": (re.compile(rb"^(    \w+: [^=\n]+ = ).*$", re.MULTILINE), rb"\1_"),
+}
 
 
 def tree_digest(root: Path) -> str:
     """A digest of the tree under ``root``: every file's relative path, executable bit and bytes, all but
-    ``ANSWERS_FILE``. Two renders with the same digest are the same project."""
+    ``ANSWERS_FILE`` and with ``DEFAULT_VALUES`` masked. Two renders with the same digest are the same project."""
     digest = hashlib.blake2b(digest_size=16)
     for path, (executable, data) in read_tree(root).items():
         if path != ANSWERS_FILE:
+            for name, (pattern, mask) in DEFAULT_VALUES.items():
+                if path == name or path.endswith("/" + name):
+                    data = pattern.sub(mask, data)
             digest.update(f"{path}\0{int(executable)}\0{len(data)}\0".encode())
             digest.update(data)
     return digest.hexdigest()

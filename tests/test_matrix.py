@@ -163,7 +163,9 @@ def test_exhaustive_tier_every_design_axis_combination_renders_trains_checkpoint
     _run_tier("exhaustive", record_property)
 
 
-def test_tree_digest_follows_every_byte_path_and_mode_of_a_render_but_not_its_answers_file(template_dir, tmp_path):
+def test_tree_digest_follows_every_byte_path_and_mode_of_a_render_but_not_its_answers_or_default_values(
+    template_dir, tmp_path
+):
     project = render(template_dir, tmp_path / "project")
     twin = tmp_path / "twin"
     shutil.copytree(project, twin)
@@ -173,7 +175,10 @@ def test_tree_digest_follows_every_byte_path_and_mode_of_a_render_but_not_its_an
     shutil.copy(other / ANSWERS_FILE, twin / ANSWERS_FILE)
     assert tree_differences(twin, project) == [ANSWERS_FILE]
     assert tree_digest(twin) == tree_digest(project)
-    assert tree_digest(other) != tree_digest(project)
+    # amp only picks amp.dtype's default: the same project; EMA brings code: another.
+    assert tree_differences(other, project) != [ANSWERS_FILE]
+    assert tree_digest(other) == tree_digest(project)
+    assert tree_digest(render(template_dir, tmp_path / "ema", {"ema": True})) != tree_digest(project)
     source = next(path for path in sorted(twin.rglob("*.py")) if path.stat().st_size)
     for change in (
         lambda: source.write_bytes(source.read_bytes() + b"\n"),
