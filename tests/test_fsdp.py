@@ -193,15 +193,16 @@ def test_sigterm_to_the_launcher_mid_epoch_then_resume_auto_matches_an_uninterru
 # the directory is published: the moment a half-written checkpoint would be most likely to be taken.
 KILLED_IN_SECOND_SAVE = """
 import importlib, os, signal, sys
-distributed = importlib.import_module(sys.argv.pop(1) + ".distributed")
-publish, saves = distributed.publish_checkpoint_dir, []
+package = sys.argv.pop(1)
+checkpoint = importlib.import_module(package + ".checkpoint")
+publish, saves = checkpoint.publish_checkpoint_dir, []
 def publish_or_die(*args, **kwargs):
     saves.append(1)
     if len(saves) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return publish(*args, **kwargs)
-distributed.publish_checkpoint_dir = publish_or_die
-importlib.import_module(distributed.__package__ + ".train").main(sys.argv[1:])
+checkpoint.publish_checkpoint_dir = publish_or_die
+importlib.import_module(package + ".train").main(sys.argv[1:])
 """
 
 
@@ -234,9 +235,9 @@ import shutil, sys
 from pathlib import Path
 import torch
 train = importlib.import_module(pkg + ".train")
-distributed = importlib.import_module(pkg + ".distributed")
+checkpoint = importlib.import_module(pkg + ".checkpoint")
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
-save, publish, full = torch.save, distributed.publish_checkpoint_dir, []
+save, publish, full = torch.save, checkpoint.publish_checkpoint_dir, []
 
 
 def publish_then_fill_the_disk(*args, **kwargs):
@@ -258,9 +259,9 @@ def run(*extra):
         print(exit.code, flush=True)
 
 
-torch.save, distributed.publish_checkpoint_dir = full_disk, publish_then_fill_the_disk
+torch.save, checkpoint.publish_checkpoint_dir = full_disk, publish_then_fill_the_disk
 run("epochs=2")
-torch.save, distributed.publish_checkpoint_dir = save, publish
+torch.save, checkpoint.publish_checkpoint_dir = save, publish
 last = out / "checkpoints" / "last"
 print(sorted(path.name for path in last.parent.joinpath("saves").iterdir()), last.resolve().name, flush=True)
 shutil.copy(last / "model.pt", out.parent / "last.pt")
