@@ -457,14 +457,16 @@ def _fit(project: Path, package: str, overrides: tuple[str, ...], ranks: int = 1
 
 def _load_config(config: Any, project: Path, overrides: tuple[str, ...]) -> Any:
     """The rendered project's default config with ``overrides``, then the tier's optional overrides."""
-    cfg = config.load_config(project / "configs" / "default.yaml", list(overrides))
-    for item in _OPTIONAL_OVERRIDES:
+    path, taken = project / "configs" / "default.yaml", list(overrides)
+    for item in _OPTIONAL_OVERRIDES:  # each one that this render's schema has a key for
         try:
-            config.apply_override(cfg, item)
+            config.load_config(path, [*taken, item])
         except config.ConfigError as err:
             if "unknown config key" not in str(err):
                 raise
-    return cfg
+        else:
+            taken.append(item)
+    return config.load_config(path, taken)
 
 
 class RankProcesses:

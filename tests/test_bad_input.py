@@ -8,11 +8,12 @@ and mtime for mtime as they were.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from rendering import SMOKE_OVERRIDES, check, run_module, run_package_code, train
+from rendering import SMOKE_OVERRIDES, check, project_answers, run_in_project, run_module, run_package_code, train
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +205,18 @@ def test_evaluate_given_a_directory_names_the_checkpoint_file_it_expects(default
         f"e.g. {trained_run / 'checkpoints' / 'last.pt'}"
     ), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_key_given_twice_on_the_command_line_is_refused_naming_both(default_project, trained_run, tmp_path):
+    """Which of optim.lr=0.1 optim.lr=0.2 would win is a guess: train takes neither and touches nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = {path.name: path.read_bytes() for path in (run / "checkpoints").iterdir()}
+    command = [sys.executable, "-m", f"{project_answers(default_project)['package_name']}.train", *SMOKE_OVERRIDES]
+    result = run_in_project(
+        default_project, [*command, "optim.lr=0.1", "resume=auto", f"output_dir={run}", "optim.lr=0.2"]
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning: ")]
+    assert errors == ["error: optim.lr is given twice (optim.lr=0.1 and optim.lr=0.2): keep one"], result.stderr
+    assert {path.name: path.read_bytes() for path in (run / "checkpoints").iterdir()} == before

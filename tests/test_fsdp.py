@@ -25,6 +25,7 @@ from imagedata import write_image_folder
 from rendering import (
     SMOKE_OVERRIDES,
     check,
+    layered,
     project_answers,
     project_env,
     render,
@@ -59,7 +60,7 @@ def torchrun_command(project: Path, *args: str) -> list[str]:
 
 
 def run_torchrun(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return timing.run(torchrun_command(project, *args), 300, cwd=project, env=project_env(project))
+    return timing.run(torchrun_command(project, *layered(args)), 300, cwd=project, env=project_env(project))
 
 
 def checkpoint_state(checkpoint: Path, scratch: Path) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import timing
 import torch
-from rendering import SMOKE_OVERRIDES, project_answers, project_env, render, run_package_code, train
+from rendering import SMOKE_OVERRIDES, layered, project_answers, project_env, render, run_package_code, train
 
 # 4096 synthetic samples, 3277 for training: 204 steps of 16 in one process.
 LONG_EPOCH = ("data.dataset=synthetic", "data.synthetic_size=4096", "data.batch_size=16", "log.progress_bar=false")
@@ -172,7 +172,7 @@ def test_a_kill_9_loses_at_most_every_n_steps(default_project, tmp_path):
     overrides = (*LONG_EPOCH, "epochs=2", "checkpoint.every_n_steps=10", "log.every_n_steps=10", f"output_dir={out}")
     package = project_answers(default_project)["package_name"]
     process = subprocess.Popen(
-        [sys.executable, "-m", f"{package}.train", *overrides],
+        [sys.executable, "-m", f"{package}.train", *layered(overrides)],
         cwd=default_project,
         env=project_env(default_project),
         stdout=subprocess.DEVNULL,

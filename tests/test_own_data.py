@@ -19,7 +19,7 @@ import timing
 import torch
 from imagedata import CLASS_COLOURS, write_image_folder
 from PIL import Image
-from rendering import check, project_env, render, run_module, run_python, train
+from rendering import check, layered, project_env, render, run_module, run_python, train
 
 CLASSES = sorted(CLASS_COLOURS)
 QUICK = ("data.image_size=32", "data.batch_size=16", "log.progress_bar=false", "device=cpu")
@@ -218,7 +218,7 @@ def run_offline(project, torch_home, *args: str, code: str | None = None) -> sub
     """Train (or run ``code``) with the torch cache in ``torch_home``, every download failing at once (a dead proxy)."""
     env = {**project_env(project), "TORCH_HOME": str(torch_home)}
     env.update({name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")})
-    command = [sys.executable, *(["-c", code] if code else ["-m", "my_project.train"]), *args]
+    command = [sys.executable, *(["-c", code] if code else ["-m", "my_project.train"]), *layered(args)]
     return timing.run(command, 300, cwd=project, env=env)
 
 

@@ -24,6 +24,7 @@ from questionnaire import questions
 from rendering import (
     PREEMPTED_EXIT_CODE,
     SMOKE_OVERRIDES,
+    layered,
     project_answers,
     project_env,
     render,
@@ -47,7 +48,7 @@ def start_training(project: Path, *overrides: str) -> subprocess.Popen:
     env = project_env(project) | {"PYTHONUNBUFFERED": "1"}
     package = project_answers(project)["package_name"]
     return subprocess.Popen(
-        [sys.executable, "-m", f"{package}.train", *overrides],
+        [sys.executable, "-m", f"{package}.train", *layered(overrides)],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -138,7 +139,12 @@ def test_kill_9_at_random_moments_never_leaves_last_pt_unreadable(default_projec
         log = tmp_path / f"attempt-{attempt}.log"
         with log.open("w") as stdout:
             process = subprocess.Popen(
-                [sys.executable, "-m", f"{project_answers(default_project)['package_name']}.train", *overrides],
+                [
+                    sys.executable,
+                    "-m",
+                    f"{project_answers(default_project)['package_name']}.train",
+                    *layered(overrides),
+                ],
                 cwd=default_project,
                 env=project_env(default_project) | {"PYTHONUNBUFFERED": "1"},
                 stdout=stdout,

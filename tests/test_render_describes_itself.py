@@ -92,7 +92,7 @@ def test_a_render_names_no_feature_it_lacks(template_dir, tmp_path, answers):
         if present(resolved):
             continue
         # A record of the answers that says the feature is absent ("ema": False) is true for the render.
-        pattern = re.compile(rf"(?:{words})(?!\"\s*:\s*(?:False|\"none\"))", re.IGNORECASE)
+        pattern = re.compile(rf"(?:{words})\w*+(?!\"\s*:\s*(?:False|\"none\"))", re.IGNORECASE)
         for path in sorted((project / "src").rglob("*.py")):
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 if pattern.search(line) and not PROFILER.search(line):
