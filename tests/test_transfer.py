@@ -384,7 +384,6 @@ def test_weight_init_gives_the_expected_statistics(render_project, scheme):
 
 def test_rendered_fine_tuning_project_passes_its_own_tests(render_project):
     project = render_project(freezing="patterns", freeze_bn=True, pretrained=True)
-    assert (project / "tests" / "test_transfer.py").is_file()
-    result = run_project_tests(project, "tests/test_transfer.py")
+    result = run_project_tests(project, "tests/test_freezing.py", "tests/test_pretrained.py")
     assert result.returncode == 0, result.stdout[-4000:]
     assert "3 passed" in result.stdout
