@@ -130,9 +130,10 @@ def torchrun(project: Path, *overrides: str, nproc: int = 2, timeout: float = 30
 
 
 def run_package_code(project: Path, code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``code`` in the rendered project's environment; the variable ``pkg`` names its package."""
+    """Run ``code`` in the rendered project's environment; the variable ``pkg`` names its package. ``args``
+    (its sys.argv[1:], often train's overrides) are layered: the last setting of a key wins."""
     prelude = f"import importlib\npkg = {project_answers(project)['package_name']!r}\n"
-    return run_in_project(project, [sys.executable, "-c", prelude + textwrap.dedent(code), *args], timeout)
+    return run_in_project(project, [sys.executable, "-c", prelude + textwrap.dedent(code), *layered(args)], timeout)
 
 
 # Train, but send ourselves SIGUSR1 after the second validation: the run saves last.pt one step into
