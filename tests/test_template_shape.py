@@ -13,7 +13,8 @@ from questionnaire import TEMPLATE_ROOT
 
 BLOCK_TAG_SHARE = 0.08  # at most this share of a `.py.jinja` file's lines may hold a block tag or comment
 TEMPLATES = sorted(path for path in (TEMPLATE_ROOT / "template").rglob("*.jinja") if path.is_file())
-CODE_TEMPLATES = [path for path in TEMPLATES if path.name.endswith(".py.jinja")]
+# A conditional name, e.g. {% if loggers %}loggers.py{% endif %}.jinja, is read without its tags.
+CODE_TEMPLATES = [path for path in TEMPLATES if re.sub(r"\{%.*?%\}", "", path.name).endswith(".py.jinja")]
 JINJA = re.compile(r"\{\{|\{%|\{#")
 
 
