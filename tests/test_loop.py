@@ -107,7 +107,8 @@ def counts_per_rank(project: Path, tmp_path: Path) -> list[dict]:
         f"output_dir={tmp_path / 'run'}",
     )
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = timing.run([*launcher, str(script), *overrides, str(record)], 300, cwd=project, env=project_env(project))
+    command = [*launcher, str(script), *layered(overrides), str(record)]
+    result = timing.run(command, 300, cwd=project, env=project_env(project))
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(Path(f"{record}.{rank}").read_text()) for rank in (0, 1)]
 
