@@ -16,7 +16,7 @@ import copier
 import pytest
 import yaml
 from questionnaire import question
-from rendering import project_answers, snapshot_template
+from rendering import SMOKE_OVERRIDES, project_answers, snapshot_template, train
 
 
 @pytest.fixture(autouse=True)
@@ -295,12 +295,12 @@ def test_the_project_of_the_readmes_first_command_takes_a_later_template_commit(
 BEFORE_ONE_DEFINITION = "e903ae740d372b20ac1f65364d0ddde0966730b6"
 
 
-def test_a_project_rendered_before_the_one_definition_of_config_keys_updates_keeping_its_edits(tmp_path):
+def template_before_the_one_definition(repo: Path) -> Path:
+    """The template as it was at BEFORE_ONE_DEFINITION, tagged v0.1.0 in a new repository (skip without history)."""
     from questionnaire import TEMPLATE_ROOT
 
     if subprocess.run(["git", "cat-file", "-e", BEFORE_ONE_DEFINITION], cwd=TEMPLATE_ROOT).returncode:
         pytest.skip(f"the template's git history (commit {BEFORE_ONE_DEFINITION[:7]}) is not in this checkout")
-    repo = tmp_path / "template-repo"
     repo.mkdir()
     git(repo, "init", "-q")
     old = subprocess.run(
@@ -311,6 +311,22 @@ def test_a_project_rendered_before_the_one_definition_of_config_keys_updates_kee
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(repo)], input=old, check=True)
     commit_all(repo, "template before the one definition", tag="v0.1.0")
+    return repo
+
+
+def test_a_checkpoint_of_a_project_rendered_before_the_restructuring_resumes(default_project, tmp_path):
+    """The checkpoint layout outlived the move of checkpoint I/O into checkpoint.py: an older run continues."""
+    repo = template_before_the_one_definition(tmp_path / "template-repo")
+    old_project = tmp_path / "old-project"
+    copier.run_copy(str(repo), str(old_project), defaults=True, unsafe=True, quiet=True)
+    out = tmp_path / "run"
+    train(old_project, *SMOKE_OVERRIDES, "epochs=1", f"output_dir={out}")
+    resumed = train(default_project, *SMOKE_OVERRIDES, "epochs=2", "resume=auto", f"output_dir={out}")
+    assert f"resumed from {out / 'checkpoints' / 'last.pt'}" in resumed.stdout and "epoch 2/2 |" in resumed.stdout
+
+
+def test_a_project_rendered_before_the_one_definition_of_config_keys_updates_keeping_its_edits(tmp_path):
+    repo = template_before_the_one_definition(tmp_path / "template-repo")
     answers = {"parallelism": "ddp", "layer_lr": True, "ema": True, "loggers": ["csv", "tensorboard"]}
     project = render_v1(repo, tmp_path / "project", **answers)
     edit(project / CONFIG, "epochs: 20", "epochs: 7  # the user's choice")
