@@ -210,6 +210,32 @@ def test_a_signal_in_start_up_asks_for_a_rerun_and_one_after_the_last_epoch_leav
     assert "Traceback" not in result.stderr, result.stderr
 
 
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGTERM (Linux: the SigCgt mask in /proc/<pid>/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.MULTILINE).group(1), 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask from /proc (Linux)")
+def test_a_signal_while_torch_still_imports_asks_for_a_rerun_in_one_line(default_project, tmp_path):
+    """The package installs the start-up handler before train.py imports torch: a SIGTERM then is not exit 143."""
+    out = tmp_path / "run"
+    process = start_training(default_project, *SMOKE_OVERRIDES, f"output_dir={out}")
+    deadline = time.monotonic() + timing.limit(60)
+    while not _catches_sigterm(process.pid):
+        assert process.poll() is None and time.monotonic() < deadline, "no SIGTERM handler was installed"
+        time.sleep(0.002)
+    torch_loaded = "libtorch" in Path(f"/proc/{process.pid}/maps").read_text()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = timing.communicate(process, 60)
+    assert not torch_loaded, "the first SIGTERM handler came after torch had loaded"
+    assert process.returncode == PREEMPTED_EXIT_CODE, stdout + stderr
+    message = "received SIGTERM during start-up: nothing trained yet, nothing saved; start it again (resume=auto)"
+    assert stdout.splitlines() == [message]
+    assert not stderr.strip() and not out.exists()
+
+
 # --- DDP: the same guarantees with 2 gloo ranks under torchrun --------------------------------------
 
 
