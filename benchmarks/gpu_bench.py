@@ -83,9 +83,9 @@ def measure(project: RenderedProject, overrides: list[str], synchronize: Callabl
     loaders: list[TimedLoader] = []
 
     def timed_build_loaders(*args, **kwargs):
-        train_loader, val_loader, info = build_loaders(*args, **kwargs)
+        train_loader, val_loader = build_loaders(*args, **kwargs)
         loaders.append(TimedLoader(train_loader))
-        return loaders[-1], val_loader, info
+        return loaders[-1], val_loader
 
     original = train.train_one_epoch
 
@@ -129,7 +129,9 @@ def hand_written(project: RenderedProject, overrides: list[str], device: str, sy
     """samples/s of a plain bf16 + compile loop on the project's model, optimiser and pinned loader."""
     cfg = project.config.load_config(None, overrides)
     torch.manual_seed(cfg.seed)
-    loader, _, info = project.data.build_loaders(cfg.data, cfg.seed, pin_memory=device == "cuda")
+    splits = project.data.build_splits(cfg.data, cfg.seed)
+    loader, _ = project.loaders.build_loaders(cfg.data, splits, cfg.seed, pin_memory=device == "cuda")
+    info = splits.info
     model = project.model.build_model(cfg.model, info).to(device)
     optimizer = project.optim.build_optimizer(model, cfg.optim)
     step = torch.compile(model, backend=cfg.compile_backend)

@@ -40,7 +40,8 @@ def time_epochs(make_epoch: Callable[[int], Iterable], epochs: int) -> list[floa
 def rendered_loader(project, root: Path, workers: int, image_size: int, batch_size: int):
     overrides = [f"data.root={root}", f"data.image_size={image_size}", f"data.batch_size={batch_size}"]
     cfg = project.config.load_config(None, [*overrides, f"data.num_workers={workers}", "data.val_fraction=0.01"])
-    train_loader, _, _ = project.data.build_loaders(cfg.data, cfg.seed)
+    splits = project.data.build_splits(cfg.data, cfg.seed)
+    train_loader, _ = project.loaders.build_loaders(cfg.data, splits, cfg.seed)
 
     def epoch(number: int):
         train_loader.sampler.set_epoch(number)

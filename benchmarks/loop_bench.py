@@ -115,7 +115,9 @@ def raw_loop(project: RenderedProject, overrides: list[str]) -> EpochTimes:
     """
     cfg = project.config.load_config(None, overrides)
     torch.manual_seed(cfg.seed)
-    train_loader, val_loader, info = project.data.build_loaders(cfg.data, cfg.seed)
+    splits = project.data.build_splits(cfg.data, cfg.seed)
+    train_loader, val_loader = project.loaders.build_loaders(cfg.data, splits, cfg.seed)
+    info = splits.info
     model = project.model.build_model(cfg.model, info)
     optimizer = project.optim.build_optimizer(model, cfg.optim)
     checkpoint = Path(cfg.output_dir) / "raw.pt"
@@ -181,7 +183,9 @@ def lightning_loop(project: RenderedProject, overrides: list[str], defaults: boo
             self.timing.__exit__(None, None, None)
 
     torch.manual_seed(cfg.seed)
-    train_loader, _, info = project.data.build_loaders(cfg.data, cfg.seed)
+    splits = project.data.build_splits(cfg.data, cfg.seed)
+    train_loader, _ = project.loaders.build_loaders(cfg.data, splits, cfg.seed)
+    info = splits.info
     module = Classifier()
     options: dict[str, Any] = {"default_root_dir": str(workdir)}
     if not defaults:

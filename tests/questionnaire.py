@@ -62,16 +62,21 @@ class Question:
     multiselect: bool
     default: Any
     when: Any
+    # Choices offered only under some answers: value -> Copier's choice validator (non-empty: not offered).
+    validators: tuple[tuple[Any, str], ...] = ()
 
     @property
     def is_choice(self) -> bool:
         return bool(self.choices)
 
-    def options(self) -> list[Any]:
+    def options(self, answers: dict[str, Any] | None = None) -> list[Any]:
         """Every answer this question can take: choices, both booleans, every subset of a multi-select.
 
+        With ``answers``, only the choices offered under them (a choice's validator renders empty).
         A free-text question contributes only its default (it chooses no code).
         """
+        if answers is not None and self.validators:
+            return [option for option in self.options() if self.offers(option, answers)]
         if self.multiselect:
             return [
                 list(subset)
@@ -97,6 +102,11 @@ class Question:
         every = list(self.choices)
         subsets = [[], every, *([choice for choice in every if choice != left_out] for left_out in every)]
         return [subset for i, subset in enumerate(subsets) if subset not in subsets[:i]]
+
+    def offers(self, option: Any, answers: dict[str, Any]) -> bool:
+        """Whether ``option`` is offered under ``answers``: its choice validator, if any, renders empty."""
+        validator = dict(self.validators).get(_freeze(option), "")
+        return not str(render_value(validator, answers)).strip()
 
     def is_asked(self, answers: dict[str, Any]) -> bool:
         return copier_bool(render_value(self.when, answers))
@@ -147,6 +157,8 @@ def questions() -> tuple[Question, ...]:
         choices = body.get("choices") or ()
         if isinstance(choices, dict):
             choices = tuple(choices.values())
+        validators = tuple((c["value"], c.get("validator", "")) for c in choices if isinstance(c, dict))
+        choices = tuple(c["value"] if isinstance(c, dict) else c for c in choices)
         result.append(
             Question(
                 name=name,
@@ -155,6 +167,7 @@ def questions() -> tuple[Question, ...]:
                 multiselect=bool(body.get("multiselect", False)),
                 default=body.get("default"),
                 when=body.get("when", True),
+                validators=validators,
             )
         )
     return tuple(result)
@@ -193,7 +206,7 @@ def combinations(axes: list[str], base: dict[str, Any] | None = None) -> Iterato
         if not q.is_asked(resolve_answers(chosen)):
             yield from expand(index + 1, chosen)
             return
-        for option in q.options():
+        for option in q.options(resolve_answers(chosen)):
             yield from expand(index + 1, {**chosen, q.name: option})
 
     yield from expand(0, dict(base or {}))
@@ -226,6 +239,11 @@ def _mentions(source: Any, name: str) -> bool:
     return isinstance(source, str) and name in source
 
 
+def _gated_by(q: Question, name: str) -> bool:
+    """Whether ``q``'s ``when``, default or offered choices read the answer to ``name``."""
+    return any(_mentions(source, name) for source in (q.when, q.default, *(v for _, v in q.validators)))
+
+
 def product_size(axes: list[str], base: dict[str, Any] | None = None) -> int:
     """How many combinations of ``axes`` copier.yml allows, computed as a product.
 
@@ -242,9 +260,10 @@ def product_size(axes: list[str], base: dict[str, Any] | None = None) -> int:
         if not q.is_asked(resolve_answers(chosen)):
             return count(index + 1, chosen)
         later = [specs[name] for name in list(specs)[list(specs).index(q.name) + 1 :]]
-        if not any(_mentions(other.when, q.name) or _mentions(other.default, q.name) for other in later):
-            return len(q.options()) * count(index + 1, chosen)
-        return sum(count(index + 1, {**chosen, q.name: option}) for option in q.options())
+        options = q.options(resolve_answers(chosen))
+        if not any(_gated_by(other, q.name) for other in later):
+            return len(options) * count(index + 1, chosen)
+        return sum(count(index + 1, {**chosen, q.name: option}) for option in options)
 
     return count(0, dict(base or {}))
 
@@ -271,6 +290,11 @@ def _resolver(specs: tuple[Question, ...]):
     return resolve
 
 
+def _offered(answers: dict[str, Any], specs: tuple[Question, ...]) -> bool:
+    """Whether every answer in ``answers`` is one its question offers under the others."""
+    return all(q.offers(answers[q.name], answers) for q in specs if q.name in answers and q.validators)
+
+
 def _holds(answers: dict[str, Any], fixed: dict[str, Any]) -> bool:
     return all(name in answers and _freeze(answers[name]) == _freeze(value) for name, value in fixed.items())
 
@@ -282,11 +306,7 @@ def _witness(fixed: dict[str, Any], specs: tuple[Question, ...]) -> dict[str, An
     is branched over (its default first), every other one takes its default.
     """
     names = [q.name for q in specs]
-    gating = {
-        q.name
-        for i, q in enumerate(specs)
-        if any(_mentions(later.when, q.name) or _mentions(later.default, q.name) for later in specs[i + 1 :])
-    }
+    gating = {q.name for i, q in enumerate(specs) if any(_gated_by(later, q.name) for later in specs[i + 1 :])}
 
     def search(index: int, answers: dict[str, Any]) -> dict[str, Any] | None:
         if index == len(specs):
@@ -295,10 +315,10 @@ def _witness(fixed: dict[str, Any], specs: tuple[Question, ...]) -> dict[str, An
         if not q.is_asked(answers):
             return None if q.name in fixed else search(index + 1, answers)
         if q.name in fixed:
-            candidates = [fixed[q.name]]
+            candidates = [fixed[q.name]] if q.offers(fixed[q.name], answers) else []
         elif q.name in gating and q.options():
             default = q.default_for(answers)
-            candidates = [default, *(o for o in q.options() if _freeze(o) != _freeze(default))]
+            candidates = [default, *(o for o in q.options(answers) if _freeze(o) != _freeze(default))]
         else:
             candidates = [q.default_for(answers)]
         for value in candidates:
@@ -359,7 +379,8 @@ def pairwise(names: list[str] | None = None, specs: tuple[Question, ...] | None 
                 continue
             best, best_gain = None, -1
             for option in options[name]:
-                if not _holds(resolve({**chosen, name: option}), fixed):
+                candidate = resolve({**chosen, name: option})
+                if not _holds(candidate, fixed) or not _offered(candidate, specs):
                     continue
                 gain = sum(
                     _ordered((name, _freeze(option)), (other, _freeze(value)), order) in uncovered

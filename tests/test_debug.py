@@ -12,14 +12,14 @@ COUNTING_RUN = """
 import json, sys
 task = importlib.import_module(pkg + ".task")
 train = importlib.import_module(pkg + ".train")
-loss, metric_sums, batches = task.loss, task.metric_sums, {"train": [], "val": 0}
-def counted_loss(outputs, targets):
-    batches["train"].append(targets.tolist())
-    return loss(outputs, targets)
-def counted_metric_sums(outputs, targets):
+loss, sums, batches = task.training_loss, task.evaluation_sums, {"train": [], "val": 0}
+def counted_loss(outputs, batch):
+    batches["train"].append(batch[1].tolist())
+    return loss(outputs, batch)
+def counted_sums(outputs, batch):
     batches["val"] += 1
-    return metric_sums(outputs, targets)
-task.loss, task.metric_sums = counted_loss, counted_metric_sums
+    return sums(outputs, batch)
+task.training_loss, task.evaluation_sums = counted_loss, counted_sums
 train.main(sys.argv[1:])
 print("BATCHES " + json.dumps(batches))
 """
@@ -29,10 +29,11 @@ NAN_IN_BACKWARD_RUN = """
 import sys, torch
 task = importlib.import_module(pkg + ".task")
 train = importlib.import_module(pkg + ".train")
-loss = task.loss
-def loss_with_nan_gradient(outputs, targets):
-    return loss(outputs, targets) + 0.0 * torch.sqrt(outputs.sum() * 0.0)
-task.loss = loss_with_nan_gradient
+loss = task.training_loss
+def loss_with_nan_gradient(outputs, batch):
+    mean, samples = loss(outputs, batch)
+    return mean + 0.0 * torch.sqrt(outputs.sum() * 0.0), samples
+task.training_loss = loss_with_nan_gradient
 train.main(sys.argv[1:])
 """
 

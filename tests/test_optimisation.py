@@ -110,7 +110,7 @@ def _initial_and_final_weights(project, output_dir):
     train = importlib.import_module(pkg + ".train")
     cfg = importlib.import_module(pkg + ".config").load_config("configs/default.yaml", sys.argv[1:-1])
     train.seed_everything(cfg.seed, cfg.deterministic)
-    _, _, info = importlib.import_module(pkg + ".data").build_loaders(cfg.data, cfg.seed)
+    info = importlib.import_module(pkg + ".data").build_splits(cfg.data, cfg.seed).info
     model = importlib.import_module(pkg + ".model").build_model(cfg.model, info)
     torch.save(model.state_dict(), sys.argv[-1])
     """

@@ -113,11 +113,11 @@ SPLITS_AND_SIZES = """
 import collections, contextlib, io
 from pathlib import Path
 import torch
-from my_project import data, images
+from my_project import data, images, loaders
 from my_project.config import DataConfig
 
 def val_counts(labels, seed=0, fraction=0.2):
-    train, val = data.split_dataset(range(len(labels)), fraction, seed, labels)
+    train, val = loaders.split_dataset(range(len(labels)), fraction, seed, labels)
     assert sorted([*train.indices, *val.indices]) == list(range(len(labels)))
     return [collections.Counter(labels[i] for i in val.indices)[c] for c in sorted(set(labels))], list(val.indices)
 

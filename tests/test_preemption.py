@@ -343,12 +343,12 @@ import importlib, os, sys, time
 pkg = sys.argv.pop(1)
 train, task = importlib.import_module(pkg + ".train"), importlib.import_module(pkg + ".task")
 train.STOP_CHECK_S = 0.25
-loss = task.loss
-def slow_loss(outputs, targets):
+loss = task.training_loss
+def slow_loss(outputs, batch):
     time.sleep({SLOW_STEP_S})
     print("step", os.environ.get("RANK", "0"), os.getpid(), flush=True)
-    return loss(outputs, targets)
-task.loss = slow_loss
+    return loss(outputs, batch)
+task.training_loss = slow_loss
 train.main(sys.argv[1:])
 """
 SLOW_OVERRIDES = ("log.progress_bar=false", "log.every_n_steps=1000", "epochs=1")

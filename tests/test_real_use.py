@@ -149,8 +149,8 @@ def test_a_checkpoint_of_another_format_and_a_broken_one_are_one_line(default_pr
 def test_mid_epoch_resume_loads_no_skipped_sample_again(default_project, tmp_path):
     """The resumed run starts at the next batch of the same order: it does not decode the skipped ones."""
     counting = """
-    data = importlib.import_module(pkg + ".data")
-    build_splits, loaded = data.build_splits, []
+    trainer = importlib.import_module(pkg + ".train")
+    build_splits, loaded = trainer.build_splits, []
 
     class Counting(torch.utils.data.Dataset):
         def __init__(self, inner):
@@ -165,7 +165,7 @@ def test_mid_epoch_resume_loads_no_skipped_sample_again(default_project, tmp_pat
         splits = build_splits(*args)
         return dataclasses.replace(splits, train=Counting(splits.train), val=Counting(splits.val))
 
-    data.build_splits = counting_splits
+    trainer.build_splits = counting_splits
     record = sys.argv.pop()  # the last argument names the file that receives the loaded indices
     atexit.register(lambda: Path(record).write_text(json.dumps(loaded)))
     """
