@@ -93,6 +93,7 @@ def test_dataset_choices_follow_the_task_and_each_task_defaults_to_one_it_offers
         "classification": ["digits", "synthetic", "imagefolder", "csv"],
         "regression": ["csv", "diabetes"],
         "segmentation": ["shapes", "folders"],
+        "language_model": ["stdlib", "text"],
     }
     for task, datasets in offered.items():
         assert resolve_answers({"task": task})["dataset"] in datasets
