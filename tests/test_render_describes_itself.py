@@ -44,7 +44,7 @@ FEATURES: dict[str, tuple[Callable[[dict], bool], str]] = {
     # Each task's own vocabulary: what it predicts and how it is scored.
     "classification": (
         lambda a: a.get("task", "classification") == "classification",
-        r"confusion|top.k|grad.cam|val_accuracy|per-class accuracy",
+        r"confusion|grad.cam|val_accuracy|per-class accuracy|top.k class",
     ),
     "regression": (lambda a: a.get("task") == "regression", r"regression|\br2\b|R²|val_rmse|val_mae"),
     "segmentation": (lambda a: a.get("task") == "segmentation", r"segment|\bi_?o_?u\b|miou|\bmasks?\b|ignore_index"),
@@ -52,7 +52,15 @@ FEATURES: dict[str, tuple[Callable[[dict], bool], str]] = {
         lambda a: a.get("task") == "segmentation" or a.get("dataset") in ("digits", "synthetic", "imagefolder"),
         r"picture|pixel|\bimages?\b|\bPIL\b|Pillow|digits",
     ),
-    "tables": (lambda a: a.get("dataset") in ("csv", "diabetes"), r"data\.target|data\.path|one-hot|diabetes|\bwine\b"),
+    "tables": (lambda a: a.get("dataset") in ("csv", "diabetes"), r"data\.target|one-hot|diabetes|\bwine\b"),
+    "a file in data.path": (
+        lambda a: a.get("dataset") in ("csv", "diabetes") or a.get("task") == "language_model",
+        r"data\.path",
+    ),
+    "language_model": (
+        lambda a: a.get("task") == "language_model",
+        r"\btokens?\b|tokeni[sz]|\bGPT\b|perplexity|bits.per.byte|vocab|block_size|windows_per_epoch",
+    ),
 }
 
 # torch.profiler's own vocabulary (its schedule's warmup, its TensorBoard trace writer) is not a feature.
@@ -94,6 +102,18 @@ RENDERS = {
         "freeze_bn": True,
         "loggers": ["tensorboard"],
         "model_summary": True,
+    },
+    "language-model-with-features": {
+        "task": "language_model",
+        "dataset": "text",
+        "parallelism": "fsdp",
+        "pretrained": True,
+        "freezing": "patterns",
+        "ema": True,
+        "early_stopping": True,
+        "loggers": ["tensorboard", "csv"],
+        "model_summary": True,
+        "sweeps": True,
     },
     "classification-of-a-table": {"task": "classification", "dataset": "csv", "pretrained": True, "sweeps": True},
     "segmentation-with-features": {
