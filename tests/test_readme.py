@@ -44,6 +44,8 @@ FSDP = {**MAXIMAL, "parallelism": "fsdp", "sync_batchnorm": False, "dataset": "i
 CASES = {"default": {}, "maximal": MAXIMAL, "others": OTHERS, "fsdp": FSDP}
 for scheduler in ("step", "multistep", "exponential", "lambda", "onecycle", "none"):
     CASES[scheduler] = {"scheduler": scheduler}
+CASES["language_model"] = {"task": "language_model"}
+CASES["language_model-fsdp"] = {**FSDP, "task": "language_model", "dataset": "text", "freeze_bn": False}
 
 CONFIG_KEYS = """
 import json
