@@ -115,7 +115,7 @@ def test_an_older_checkpoint_gets_default_bookkeeping_and_resumes(render_project
     train(project, *SMOKE_OVERRIDES, "epochs=1", f"output_dir={out}")
     last = out / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
-    del state["progress"]["epochs_without_improvement"], state["progress"]["best_epoch"]
+    del state["progress"]["validations_without_improvement"], state["progress"]["best_epoch"]
     torch.save(state, last)
     resumed = train(project, *SMOKE_OVERRIDES, "epochs=2", "resume=auto", f"output_dir={out}")
     assert "resumed from" in resumed.stdout and "epoch 2/2 |" in resumed.stdout
