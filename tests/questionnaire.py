@@ -331,6 +331,13 @@ def _witness(fixed: dict[str, Any], specs: tuple[Question, ...]) -> dict[str, An
     return search(0, {})
 
 
+def witness_of(fixed: dict[str, Any]) -> dict[str, Any]:
+    """Answers to copier.yml's questions under which every answer in ``fixed`` is asked and offered."""
+    found = _witness(fixed, questions())
+    assert found is not None, f"no combination of answers holds {fixed}"
+    return found
+
+
 def _possible_pairs(names: list[str], specs: tuple[Question, ...]) -> dict[Pair, dict[str, Any]]:
     """Every pair of answers of two of ``names`` that some combination holds, with one such combination."""
     by_name = {q.name: q for q in specs}

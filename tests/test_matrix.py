@@ -280,7 +280,8 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import matrix
 project, package = Path(sys.argv[2]), sys.argv[3]
-overrides = lambda run, *more: (*matrix.MATRIX_OVERRIDES, f"output_dir={project / 'runs' / run}", *more)
+smoke = (*matrix.MATRIX_OVERRIDES, *matrix.TASK_RUNS["classification"].smoke)
+overrides = lambda run, *more: (*smoke, f"output_dir={project / 'runs' / run}", *more)
 
 ranks = matrix.RankProcesses(2)
 try:

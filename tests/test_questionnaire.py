@@ -42,7 +42,7 @@ def test_every_choice_question_defaults_to_one_of_its_choices():
     for q in questions():
         if q.is_choice and q.name in answers:
             default = answers[q.name]
-            options = q.options()
+            options = q.options(answers)
             assert (sorted(default) if q.multiselect else default) in options, q.name
 
 
@@ -50,8 +50,10 @@ def test_answer_space_multiplies_only_questions_that_are_asked():
     choice_questions = [q.name for q in questions() if q.is_choice or q.type == "bool"]
     for name in choice_questions:
         q = question(name)
-        # A question asked only after another answer (e.g. sync_batchnorm under ddp) collapses alone.
-        expected = len(q.options()) if q.is_asked(resolve_answers({})) else 1
+        # A question asked only after another answer (e.g. sync_batchnorm under ddp) collapses alone, and
+        # one whose choices follow another answer (dataset follows task) offers those of the defaults.
+        defaults = resolve_answers({})
+        expected = len(q.options(defaults)) if q.is_asked(defaults) else 1
         assert len(list(combinations([name]))) == expected, name
 
 
@@ -82,3 +84,20 @@ def test_every_question_is_shown_with_the_section_copier_yml_puts_it_in():
     spec = yaml.safe_load(COPIER_YML.read_text())
     for q in questions():
         assert labels[q.name] and spec[q.name]["help"].startswith(labels[q.name]), (q.name, spec[q.name]["help"])
+
+
+def test_dataset_choices_follow_the_task_and_each_task_defaults_to_one_it_offers():
+    dataset = question("dataset")
+    offered = {task: dataset.options({"task": task}) for task in question("task").options()}
+    assert offered == {
+        "classification": ["digits", "synthetic", "imagefolder", "csv"],
+        "regression": ["csv", "diabetes"],
+        "segmentation": ["shapes", "folders"],
+    }
+    for task, datasets in offered.items():
+        assert resolve_answers({"task": task})["dataset"] in datasets
+
+
+def test_a_dataset_another_task_uses_is_refused_by_copier_with_the_reason(template_dir, tmp_path):
+    with pytest.raises(ValueError, match="tables are for task=classification or regression"):
+        render(template_dir, tmp_path / "project", {"task": "segmentation", "dataset": "csv"})

@@ -41,6 +41,18 @@ FEATURES: dict[str, tuple[Callable[[dict], bool], str]] = {
     "early_stopping": (lambda a: a["early_stopping"], r"early.stopping"),
     "layer_lr": (lambda a: a["layer_lr"], r"lr_multipliers|layer_lr"),
     "model_summary": (lambda a: a["model_summary"], r"torchinfo"),
+    # Each task's own vocabulary: what it predicts and how it is scored.
+    "classification": (
+        lambda a: a.get("task", "classification") == "classification",
+        r"confusion|top.k|grad.cam|val_accuracy|per-class accuracy",
+    ),
+    "regression": (lambda a: a.get("task") == "regression", r"regression|\br2\b|R²|val_rmse|val_mae"),
+    "segmentation": (lambda a: a.get("task") == "segmentation", r"segment|\bi_?o_?u\b|miou|\bmasks?\b|ignore_index"),
+    "pictures": (
+        lambda a: a.get("task") == "segmentation" or a.get("dataset") in ("digits", "synthetic", "imagefolder"),
+        r"picture|pixel|\bimages?\b|\bPIL\b|Pillow|digits",
+    ),
+    "tables": (lambda a: a.get("dataset") in ("csv", "diabetes"), r"data\.target|data\.path|one-hot|diabetes|\bwine\b"),
 }
 
 # torch.profiler's own vocabulary (its schedule's warmup, its TensorBoard trace writer) is not a feature.
@@ -74,6 +86,25 @@ RENDERS = {
         "early_stopping": True,
         "sweeps": True,
         "loggers": ["wandb", "mlflow"],
+    },
+    "regression-with-features": {
+        "task": "regression",
+        "parallelism": "ddp",
+        "ema": True,
+        "freeze_bn": True,
+        "loggers": ["tensorboard"],
+        "model_summary": True,
+    },
+    "classification-of-a-table": {"task": "classification", "dataset": "csv", "pretrained": True, "sweeps": True},
+    "segmentation-with-features": {
+        "task": "segmentation",
+        "dataset": "folders",
+        "parallelism": "fsdp",
+        "pretrained": True,
+        "freezing": "patterns",
+        "scheduler": "plateau",
+        "early_stopping": True,
+        "loggers": ["csv", "wandb"],
     },
 }
 

@@ -12,19 +12,27 @@ import subprocess
 import sys
 
 import pytest
-from questionnaire import questions, resolve_answers
+from questionnaire import questions, resolve_answers, witness_of
 from rendering import render
 
 JINJA_LEFTOVER = re.compile(r"\{\{|\}\}|\{%|%\}|\{#|#\}")
 
 
 def single_answer_variants() -> list[tuple[str, dict]]:
+    """The defaults, and each answer changed alone; a choice that another answer brings (a dataset of another
+    task) with that answer too."""
     variants = [("defaults", {})]
     defaults = resolve_answers({})
     for q in questions():
         for option in q.options():
-            if option != defaults.get(q.name) and q.is_asked(defaults):
-                variants.append((f"{q.name}={option}", {q.name: option}))
+            if option == defaults.get(q.name) or not q.is_asked(defaults):
+                continue
+            answers = {q.name: option}
+            if not q.offers(option, defaults):
+                witness = resolve_answers(witness_of({q.name: option}))
+                answers = {name: value for name, value in witness.items() if value != defaults.get(name)}
+            if answers not in [earlier for _, earlier in variants]:
+                variants.append((f"{q.name}={option}", answers))
     return variants
 
 
