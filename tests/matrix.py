@@ -89,6 +89,10 @@ TASK_RUNS = {
         metric="val_miou",
         bar=0.70,
     ),
+    # diabetes progression's units: the defaults reach 56 (R² 0.47); 65 is an R² of about 0.3
+    "regression": TaskRun(
+        smoke=("data.dataset=diabetes",), learn=("data.dataset=diabetes", "epochs=10"), metric="val_rmse", bar=65.0
+    ),
 }
 TABLE_CLASSIFICATION = TaskRun(
     smoke=("data.dataset=wine",), learn=("data.dataset=wine", "epochs=10"), metric="val_accuracy", bar=0.90
