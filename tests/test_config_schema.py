@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from questionnaire import TEMPLATE_ROOT, choice_questions, question, resolve_answers
+from questionnaire import TEMPLATE_ROOT, choice_questions, question, resolve_answers, witness_of
 from rendering import check, run_module, run_project_tests
 
 CONFIG_TEMPLATES = [
@@ -39,14 +39,17 @@ def every_answer_once() -> list[dict]:
     """
     names = config_questions()
     options = {name: question(name).options() for name in names}
-    rows = [
-        resolve_answers({name: values[i % len(values)] for name, values in options.items()})
-        for i in range(max(map(len, options.values())))
-    ]
+    rows = []
+    for i in range(max(map(len, options.values()))):
+        chosen: dict = {}
+        for name, values in options.items():  # in questionnaire order; a choice another answer rules out waits
+            if question(name).offers(values[i % len(values)], resolve_answers(chosen)):
+                chosen[name] = values[i % len(values)]
+        rows.append(resolve_answers(chosen))
     for name, values in options.items():
         for value in values:
             if not any(row.get(name) == value for row in rows):
-                row = resolve_answers({name: value, **_enablers(name)})
+                row = resolve_answers({**witness_of({name: value}), **_enablers(name), name: value})
                 assert row.get(name) == value, f"no combination asks {name}={value!r}"
                 rows.append(row)
     return rows

@@ -113,7 +113,7 @@ SPLITS_AND_SIZES = """
 import collections, contextlib, io
 from pathlib import Path
 import torch
-from my_project import data, images, loaders
+from my_project import data, loaders, pictures
 from my_project.config import DataConfig
 
 def val_counts(labels, seed=0, fraction=0.2):
@@ -144,9 +144,9 @@ for root, expected in ((BALANCED, 12), (PETS, 6)):
     print(splits.info.input_shape[1], said.getvalue().strip())
 
 sides = {Path(f"{n}.png"): side for n, side in enumerate([375] * 5 + [100] * 6)}
-assert images.derived_image_size([(path, 0) for path in sides], sides.get) == (96, 100, 11)
-assert images.derived_image_size([(Path("big.png"), 0)], lambda path: 3000)[0] == 224
-assert images.derived_image_size([(Path("half.png"), 0)], lambda path: 40)[0] == 48  # halves round up
+assert pictures.derived_image_size([(path, 0) for path in sides], sides.get) == (96, 100, 11)
+assert pictures.derived_image_size([(Path("big.png"), 0)], lambda path: 3000)[0] == 224
+assert pictures.derived_image_size([(Path("half.png"), 0)], lambda path: 40)[0] == 48  # halves round up
 """
 
 
@@ -324,7 +324,7 @@ import torch
 from PIL import Image
 from my_project import train
 from my_project.config import ConfigError, load_config
-from my_project.data import DataInfo, read_image
+from my_project.pictures import DataInfo, read_image
 from my_project.model import check_input_size
 
 grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)

@@ -31,7 +31,8 @@ FEATURES: dict[str, tuple[Callable[[dict], bool], str]] = {
     "mlflow": (lambda a: "mlflow" in a["loggers"], r"mlflow"),
     "tensorboard": (lambda a: "tensorboard" in a["loggers"], r"tensorboard"),
     "csv": (lambda a: "csv" in a["loggers"], r"metrics\.csv|csv_logger"),
-    "image folders": (lambda a: a["dataset"] == "imagefolder", r"imagefolder|image folder|data\.root|sample-images"),
+    "image folders": (lambda a: a["dataset"] == "imagefolder", r"imagefolder|image folder|sample-images"),
+    "data in folders": (lambda a: a["dataset"] == "imagefolder" or a.get("task") == "segmentation", r"data\.root"),
     "pretrained": (lambda a: a["pretrained"], r"pretrained"),
     "freezing": (lambda a: a["freezing"] != "none" or a["freeze_bn"], r"freez|unfreeze"),
     "schedule": (lambda a: a["scheduler"] != "none", r"lr_scheduler|cosine|warmup|schedule\.py|\bplateau\b"),
@@ -44,8 +45,11 @@ FEATURES: dict[str, tuple[Callable[[dict], bool], str]] = {
     # Each task's own vocabulary: what it predicts and how it is scored.
     "classification": (
         lambda a: a.get("task", "classification") == "classification",
-        r"confusion|grad.cam|val_accuracy|per-class accuracy|top.k class",
+        r"grad.cam|val_accuracy|per-class accuracy|top.k class",
     ),
+    # Classification's metrics come from a confusion matrix, and so do segmentation's (pixels of a class
+    # predicted as each class).
+    "confusion matrix": (lambda a: a.get("task", "classification") in ("classification", "segmentation"), r"confusion"),
     "regression": (lambda a: a.get("task") == "regression", r"regression|\br2\b|R²|val_rmse|val_mae"),
     "segmentation": (lambda a: a.get("task") == "segmentation", r"segment|\bi_?o_?u\b|miou|\bmasks?\b|ignore_index"),
     "pictures": (
