@@ -241,8 +241,8 @@ def test_copy_names_each_answer_it_does_not_take_once(template_dir, tmp_path, ca
         "note: compile=true was ignored: compile is asked only when parallelism != 'dataparallel' "
         "(parallelism is dataparallel)",
         "note: foo=bar was ignored: copier.yml has no question foo",
-        "note: sync_batchnorm=yes was ignored: sync_batchnorm is asked only when parallelism == 'ddp' "
-        "(parallelism is dataparallel)",
+        "note: sync_batchnorm=yes was ignored: sync_batchnorm is asked only when parallelism == 'ddp' and "
+        "task != 'language_model' (parallelism is dataparallel, task is classification)",
         "note: warmup=true was ignored: warmup is asked only when scheduler in "
         "['step', 'multistep', 'exponential', 'cosine', 'lambda'] (scheduler is plateau)",
     ]
