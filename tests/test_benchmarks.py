@@ -85,3 +85,32 @@ def test_parallel_benchmark_quick_mode_times_ddp_and_fsdp_and_fsdp_ranks_hold_ha
     # Each of two FSDP ranks holds about half of the parameters and optimiser state that a DDP rank holds.
     assert 0.4 < held["fsdp"] / held["ddp"] < 0.6, held
     assert [line.split()[0] for line in result.stdout.splitlines()[-3:]] == ["ddp", "fsdp", "fsdp,"]
+
+
+def test_language_model_benchmark_quick_mode_trains_and_validates_the_rendered_gpt(tmp_path):
+    """The rendered side of lm_bench.py (nanoGPT is a checkout the user points to, not installed here)."""
+    out = tmp_path / "figures.json"
+    result = timing.run([sys.executable, str(BENCHMARKS / "lm_bench.py"), "--quick", "--json", str(out)], 120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert list(figures) == ["rendered"]
+    assert figures["rendered"]["tokens_per_s"][0] > 0 and 0 < figures["rendered"]["val_loss"][0] < 5.6  # ln 256
+
+
+def test_language_model_benchmark_reads_nanogpts_step_times_and_final_evaluation():
+    sys.path.insert(0, str(BENCHMARKS))
+    import lm_bench
+
+    output = "\n".join(
+        [
+            "step 0: train loss 5.5452, val loss 5.5451",
+            *(f"iter {step}: loss 4.0000, time {100 + step:.2f}ms, mfu -100.00%" for step in range(4)),
+            "step 4: train loss 3.1000, val loss 3.2000",
+            "iter 4: loss 3.0000, time 900.00ms, mfu 1.00%",
+        ]
+    )
+    args = lm_bench.parse_args(["--quick"])
+    args.steps, args.batch_size, args.block_size = 4, 2, 8
+    figures = lm_bench.parse_nanogpt(output, args)
+    assert figures["val_loss"] == 3.2
+    assert figures["tokens_per_s"] == pytest.approx(2 * 2 * 8 / (0.102 + 0.103))  # iterations 2 and 3
