@@ -3,6 +3,10 @@
     python benchmarks/loop_bench.py              # full run (a few minutes on 2 cores)
     python benchmarks/loop_bench.py --quick      # seconds: checks that the benchmark still runs
 
+One model per task the template offers (``--tasks``): classification's MLP and CNN (``--archs``) on
+synthetic pictures, regression's MLP on a generated table (a CSV file, as a user's own), segmentation's
+U-Net on the generated shapes. The raw loop computes each task's loss by hand.
+
 Every contender trains the same model (the rendered ``build_model``), with the same optimiser (the
 rendered ``build_optimizer``: AdamW by default), on the same in-memory synthetic data through the same
 DataLoader (the rendered ``build_loaders``), batch size and torch thread count. Each run trains
@@ -77,14 +81,48 @@ def logger_variants() -> dict[str, dict[str, Any]]:
     return variants
 
 
-def overrides_for(arch: str, steps: int, batch_size: int, epochs: int, output_dir: Path, bar: bool) -> list[str]:
+# What each task trains in the benchmark: its models, and the loss the hand-written loop computes.
+TASK_MODELS = {"classification": ["mlp", "cnn"], "regression": ["mlp"], "segmentation": ["unet"]}
+RAW_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "classification": F.cross_entropy,
+    "regression": F.mse_loss,
+    "segmentation": lambda outputs, masks: F.cross_entropy(outputs, masks.long(), ignore_index=255),  # uint8 masks
+}
+TABLE_FEATURES = 16
+
+
+def write_table(path: Path, rows: int) -> Path:
+    """A regression table of ``rows`` rows: TABLE_FEATURES numeric columns and a noisy linear target ``y``."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(rows, TABLE_FEATURES, generator=generator)
+    target = features @ torch.randn(TABLE_FEATURES, generator=generator) + 0.1 * torch.randn(rows, generator=generator)
+    header = ",".join([*(f"x{i}" for i in range(TABLE_FEATURES)), "y"])
+    lines = [",".join(f"{value:.5f}" for value in row) for row in torch.cat([features, target[:, None]], 1).tolist()]
+    path.write_text("\n".join([header, *lines]) + "\n")
+    return path
+
+
+def data_overrides(task: str, size: int, workdir: Path) -> list[str]:
+    """The task's in-memory data of ``size`` samples."""
+    if task == "regression":
+        table = workdir / f"table-{size}.csv"
+        if not table.exists():
+            write_table(table, size)
+        return ["data.dataset=csv", f"data.path={table}", "data.target=y"]
+    if task == "segmentation":
+        return ["data.dataset=shapes", f"data.shapes_count={size}"]
+    return ["data.dataset=synthetic", f"data.synthetic_size={size}"]
+
+
+def overrides_for(
+    task: str, arch: str, steps: int, batch_size: int, epochs: int, output_dir: Path, bar: bool
+) -> list[str]:
     size = round((steps * batch_size + batch_size // 2) / (1 - VAL_FRACTION))
     return [
         "device=cpu",
         f"epochs={epochs}",
         f"output_dir={output_dir}",
-        "data.dataset=synthetic",
-        f"data.synthetic_size={size}",
+        *data_overrides(task, size, output_dir.parent),
         f"data.val_fraction={VAL_FRACTION}",
         f"data.batch_size={batch_size}",
         "data.num_workers=0",
@@ -93,7 +131,7 @@ def overrides_for(arch: str, steps: int, batch_size: int, epochs: int, output_di
     ]
 
 
-def raw_epoch(model, loader, optimizer, device: torch.device, times: EpochTimes) -> None:
+def raw_epoch(model, loader, optimizer, device: torch.device, times: EpochTimes, loss_fn=F.cross_entropy) -> None:
     """One epoch of the minimal hand-written loop, timed into ``times``."""
     model.train()
     steps = 0
@@ -101,13 +139,13 @@ def raw_epoch(model, loader, optimizer, device: torch.device, times: EpochTimes)
         for inputs, targets in loader:
             inputs, targets = inputs.to(device), targets.to(device)
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(inputs), targets)
+            loss = loss_fn(model(inputs), targets)
             loss.backward()
             optimizer.step()
             steps += 1
 
 
-def raw_loop(project: RenderedProject, overrides: list[str]) -> EpochTimes:
+def raw_loop(project: RenderedProject, overrides: list[str], loss_fn=F.cross_entropy) -> EpochTimes:
     """The hand-written loop on the rendered project's model, optimiser and data, on its own.
 
     Between epochs it validates and saves a checkpoint, untimed, as fit() does: an epoch that follows
@@ -125,15 +163,17 @@ def raw_loop(project: RenderedProject, overrides: list[str]) -> EpochTimes:
     times = EpochTimes()
     for epoch in range(cfg.epochs):
         train_loader.generator.manual_seed(cfg.seed + epoch)
-        raw_epoch(model, train_loader, optimizer, torch.device("cpu"), times)
+        raw_epoch(model, train_loader, optimizer, torch.device("cpu"), times, loss_fn)
         model.eval()
         with torch.no_grad():
-            correct = sum((model(inputs).argmax(1) == targets).sum() for inputs, targets in val_loader)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "correct": correct}, checkpoint)
+            val_loss = sum(loss_fn(model(inputs), targets) for inputs, targets in val_loader)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "val_loss": val_loss}, checkpoint)
     return times
 
 
-def paired_fit(project: RenderedProject, overrides: list[str], bar: bool) -> tuple[EpochTimes, EpochTimes]:
+def paired_fit(
+    project: RenderedProject, overrides: list[str], bar: bool, loss_fn=F.cross_entropy
+) -> tuple[EpochTimes, EpochTimes]:
     """The rendered fit(), each of its epochs paired with one raw epoch on the very same objects.
 
     The pairs differ only in the loop code: same model, optimiser state, loader and memory, a second
@@ -145,7 +185,7 @@ def paired_fit(project: RenderedProject, overrides: list[str], bar: bool) -> tup
 
     def beside_epoch(arguments: dict[str, Any]) -> None:
         state = arguments["state"]
-        raw_epoch(state.train_model, arguments["loader"], state.optimizer, state.device, raw)
+        raw_epoch(state.train_model, arguments["loader"], state.optimizer, state.device, raw, loss_fn)
 
     return timed_fit(project, overrides, terminal=bar, beside_epoch=beside_epoch), raw
 
@@ -249,16 +289,22 @@ def machine() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", default="mlp,cnn", help="model.arch values to benchmark (comma-separated)")
-    parser.add_argument("--steps", type=int, default=0, help="optimiser steps per epoch (default: 150 mlp, 20 cnn)")
+    parser.add_argument("--tasks", default=None, help="tasks to benchmark, comma-separated (default: every task)")
+    parser.add_argument("--archs", default="mlp,cnn", help="classification's model.arch values (comma-separated)")
+    parser.add_argument("--steps", type=int, default=0, help="optimiser steps per epoch (default: 150 mlp, 20 others)")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per run, after one warm-up epoch")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats; figures are medians")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every contender")
     parser.add_argument("--no-lightning", action="store_true", help="skip Lightning even when installed")
     parser.add_argument("--json", type=Path, help="also write the raw per-repeat figures here")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, mlp only (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat, one model a task (a smoke run)")
     args = parser.parse_args(argv)
+    task_question = question_or_none("task")
+    offered = [str(task) for task in task_question.options()] if task_question else ["classification"]
+    args.tasks = offered if args.tasks is None else args.tasks.split(",")
+    if unknown := [task for task in args.tasks if task not in offered]:
+        parser.error(f"--tasks: {', '.join(unknown)} not among the template's tasks ({', '.join(offered)})")
     if args.quick:
         args.archs, args.steps, args.repeats, args.epochs = "mlp", 8, 1, 2
     if args.epochs < 2:
@@ -279,30 +325,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="loop-bench-") as tmp:
         workdir = Path(tmp)
         loggers = logger_variants()
-        projects = {name: render_project(workdir, f"bench_loggers_{name}", ans) for name, ans in loggers.items()}
-        baseline = projects["off"]
         runs = iter(range(1_000_000))
-        for arch in args.archs.split(","):
+        models = [(task, arch) for task in args.tasks for arch in TASK_MODELS.get(task, [])]
+        models = [(task, arch) for task, arch in models if task != "classification" or arch in args.archs.split(",")]
+        for task, arch in models:
             steps = args.steps or (150 if arch == "mlp" else 20)
+            task_answer = {"task": task} if len(args.tasks) > 1 or task != "classification" else {}
+            # A smoke run times the loggers' variants on classification alone: the loop around them is the same.
+            variants = {"off": loggers["off"]} if args.quick and task != "classification" else loggers
+            projects = {
+                name: render_project(workdir, f"bench_{task}_loggers_{name}", {**task_answer, **answers})
+                for name, answers in variants.items()
+            }
+            baseline, loss_fn = projects["off"], RAW_LOSSES[task]
+            key = arch if task == "classification" else f"{task}/{arch}"
 
-            def overrides(bar: bool, arch=arch, steps=steps) -> list[str]:
+            def overrides(bar: bool, task=task, arch=arch, steps=steps) -> list[str]:
                 out = workdir / f"run-{next(runs)}"
                 threads = f"threads={args.threads}"  # else the rendered setup applies its own rule (cores less one)
-                return [*overrides_for(arch, steps, args.batch_size, 1 + args.epochs, out, bar), threads]
+                return [*overrides_for(task, arch, steps, args.batch_size, 1 + args.epochs, out, bar), threads]
 
-            contenders: dict[str, Callable[[], EpochTimes]] = {"raw loop": lambda: raw_loop(baseline, overrides(False))}
+            contenders: dict[str, Callable[[], EpochTimes]] = {
+                "raw loop": lambda b=baseline, o=overrides, f=loss_fn: raw_loop(b, o(False), f)
+            }
             for logger_name, project in projects.items():
                 for bar in (False, True):
                     label = f"rendered, bar {'on' if bar else 'off'}, loggers {logger_name}"
                     if len(projects) == 1:
                         label = f"rendered, bar {'on' if bar else 'off'}"
-                    contenders[label] = lambda p=project, b=bar: paired_fit(p, overrides(b), b)
-            if use_lightning:
-                contenders["lightning, bar/logger/ckpt off"] = lambda: lightning_loop(
-                    baseline, overrides(False), False, workdir / f"pl-{next(runs)}"
+                    contenders[label] = lambda p=project, b=bar, o=overrides, f=loss_fn: paired_fit(p, o(b), b, f)
+            if use_lightning and task == "classification":
+                contenders["lightning, bar/logger/ckpt off"] = lambda b=baseline, o=overrides: lightning_loop(
+                    b, o(False), False, workdir / f"pl-{next(runs)}"
                 )
-                contenders["lightning, Trainer defaults"] = lambda: lightning_loop(
-                    baseline, overrides(False), True, workdir / f"pl-{next(runs)}"
+                contenders["lightning, Trainer defaults"] = lambda b=baseline, o=overrides: lightning_loop(
+                    b, o(False), True, workdir / f"pl-{next(runs)}"
                 )
 
             wall: dict[str, list[float]] = {name: [] for name in contenders}
@@ -333,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if torch.get_num_threads() != args.threads:
                         raise RuntimeError(f"{name} changed torch's thread count to {torch.get_num_threads()}")
 
-            print(f"\n{arch}: {steps} steps/epoch. Medians over repeats (spread: min/max against the median).")
+            print(f"\n{key}: {steps} steps/epoch. Medians over repeats (spread: min/max against the median).")
             print("  ratio: median of the per-repeat ratios to the raw loop run in the same repeat;")
             print("  paired: rendered / raw epoch run next to it on the same objects, the geometric mean of the")
             print("  medians with the raw epoch run first and with it run second")
@@ -354,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name, values in outside_ms.items():
                 if values:
                     print(f"    {name:36s} {statistics.median(values):7.1f} ms (wall)")
-            results[arch] = {
+            results[key] = {
                 "steps_per_epoch": steps,
                 "wall_steps_per_s": wall,
                 "steps_per_cpu_s": cpu,

@@ -89,10 +89,12 @@ TASK_RUNS = {
     ),
     "segmentation": TaskRun(
         smoke=("data.dataset=shapes", "data.shapes_count=160"),
-        # the shapes' defaults pass 0.7 in their second epoch; the slower rows get room
+        # The shapes' defaults pass 0.7 in their second epoch (test_segmentation holds them to it). Rows that
+        # handicap a from-scratch U-Net (BatchNorm frozen at its first statistics, SGD on a plateau schedule,
+        # half the steps under accumulation) reach 0.5-0.7 in 8 epochs: predicting background alone scores 0.2.
         learn=("data.dataset=shapes", "epochs=8"),
         metric="val_miou",
-        bar=0.70,
+        bar=0.50,
     ),
     # diabetes progression's units: the defaults reach 56 (R² 0.47); 65 is an R² of about 0.3
     "regression": TaskRun(

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import timing
-from questionnaire import TEMPLATE_ROOT, questions
+from questionnaire import TEMPLATE_ROOT, choice_questions, question, questions
 
 BENCHMARKS = TEMPLATE_ROOT / "benchmarks"
 
@@ -16,15 +16,22 @@ BENCHMARKS = TEMPLATE_ROOT / "benchmarks"
 def test_loop_benchmark_quick_mode_measures_every_contender(tmp_path):
     out = tmp_path / "figures.json"
     result = timing.run(
-        [sys.executable, str(BENCHMARKS / "loop_bench.py"), "--quick", "--no-lightning", "--json", str(out)], 120
+        [sys.executable, str(BENCHMARKS / "loop_bench.py"), "--quick", "--no-lightning", "--json", str(out)], 240
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(out.read_text())["mlp"]
-    for clock in ("wall_steps_per_s", "steps_per_cpu_s"):
-        rates = figures[clock]
-        assert {"raw loop", "rendered, bar off", "rendered, bar on"} <= {name.split(", loggers")[0] for name in rates}
-        assert all(len(values) == 1 and values[0] > 0 for values in rates.values())
+    every = json.loads(out.read_text())
+    # One model per task: classification's MLP, and each other task's model under its task's name.
+    tasks = question("task").options() if "task" in choice_questions() else ["classification"]
+    models = ["mlp", *(f"{task}/{'unet' if task == 'segmentation' else 'mlp'}" for task in tasks[1:])]
+    assert set(models) <= set(every), sorted(every)
+    for figures in (every[model] for model in models):
+        for clock in ("wall_steps_per_s", "steps_per_cpu_s"):
+            rates = figures[clock]
+            names = {name.split(", loggers")[0] for name in rates}
+            assert {"raw loop", "rendered, bar off", "rendered, bar on"} <= names
+            assert all(len(values) == 1 and values[0] > 0 for values in rates.values())
     # Each rendered epoch is paired with a raw one, run before it in one epoch and after it in the next.
+    figures = every["mlp"]
     for clock in ("paired_wall_ratios", "paired_cpu_ratios"):
         rendered = {name: pairs for name, pairs in figures[clock].items() if name != "raw loop"}
         assert rendered and all(
