@@ -81,7 +81,8 @@ def logger_variants() -> dict[str, dict[str, Any]]:
     return variants
 
 
-# What each task trains in the benchmark: its models, and the loss the hand-written loop computes.
+# What each task trains in the benchmark: its models, and the loss the hand-written loop computes. The
+# language model's loop is measured against nanoGPT's instead (lm_bench.py).
 TASK_MODELS = {"classification": ["mlp", "cnn"], "regression": ["mlp"], "segmentation": ["unet"]}
 RAW_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "classification": F.cross_entropy,

@@ -44,9 +44,9 @@ def local_bytes(tensors):
     tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
-def timed(state, loader, stop, cfg):
+def timed(state, *args, **kwargs):
     before, start = state.progress.global_step, time.perf_counter()
-    result = original(state, loader, stop, cfg)
+    result = original(state, *args, **kwargs)
     epochs.append((state.progress.global_step - before, time.perf_counter() - start))
     held["parameters"] = local_bytes(list(state.model.parameters()))
     held["optimizer"] = local_bytes([v for s in state.optimizer.state.values() for v in s.values()])

@@ -52,11 +52,11 @@ for name in ("all_reduce", "broadcast", "barrier", "all_gather", "all_gather_int
 train_one_epoch = train.train_one_epoch
 
 
-def train_one_epoch_counted(state, loader, stop, cfg):
+def train_one_epoch_counted(state, *args, **kwargs):
     steps_before = state.progress.global_step
     counting[0] = True
     try:
-        return train_one_epoch(state, loader, stop, cfg)
+        return train_one_epoch(state, *args, **kwargs)
     finally:
         counting[0] = False
         counts["steps"] += state.progress.global_step - steps_before
