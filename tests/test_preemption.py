@@ -344,10 +344,10 @@ pkg = sys.argv.pop(1)
 train, task = importlib.import_module(pkg + ".train"), importlib.import_module(pkg + ".task")
 train.STOP_CHECK_S = 0.25
 loss = task.training_loss
-def slow_loss(outputs, batch):
+def slow_loss(outputs, batch, *settings):
     time.sleep({SLOW_STEP_S})
     print("step", os.environ.get("RANK", "0"), os.getpid(), flush=True)
-    return loss(outputs, batch)
+    return loss(outputs, batch, *settings)
 task.training_loss = slow_loss
 train.main(sys.argv[1:])
 """
