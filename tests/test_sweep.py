@@ -301,3 +301,23 @@ def test_sweeps_add_a_module_make_target_readme_section_and_optuna_only_when_cho
     assert "sweep" not in (default_project / "Makefile").read_text()
     assert "## Hyperparameter sweeps" in (sweep_project / "README.md").read_text()
     assert "sweep" not in (default_project / "README.md").read_text().lower()
+
+
+# The space sweep.main would search for the given arguments, described one line per key.
+SEARCH_SPACE = """
+import sys
+sweep = importlib.import_module(pkg + ".sweep")
+space, _ = sweep.parse_arguments(sys.argv[1:], None)
+print("\\n".join(param.describe() for param in space))
+"""
+
+
+def test_a_sweep_searches_label_smoothing_as_a_float_range_and_auto_augment_policies_as_choices(sweep_project):
+    arguments = ("loss.label_smoothing=0:0.2", "data.auto_augment=none,trivialaugment")
+    result = check(run_package_code(sweep_project, SEARCH_SPACE, *arguments), "search space", sweep_project)
+    assert result.stdout.splitlines() == [
+        "loss.label_smoothing from 0.0 to 0.2",
+        "data.auto_augment in none, trivialaugment",
+    ]
+    bad = run_package_code(sweep_project, SEARCH_SPACE, "data.auto_augment=none,trivial")
+    assert "data.auto_augment: expected one of 'none', 'autoaugment'" in bad.stderr
