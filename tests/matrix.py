@@ -183,6 +183,19 @@ def exhaustive_size() -> int:
 WORKER_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 
 
+# The classification recipe's augmentations, all at once, in the exhaustive tier's runs of every render that has
+# them (pictures to classify): settings of the runs, not an axis of renders. What each does is proven by the
+# rendered projects' own test_augmentation.
+RECIPE_OVERRIDES = (
+    "data.auto_augment=trivialaugment",
+    "data.random_erase=0.25",
+    "data.mixup_alpha=0.2",
+    "data.cutmix_alpha=1.0",
+    "loss.label_smoothing=0.1",
+    "data.repeated_augmentations=2",
+)
+
+
 def tier_overrides(tier: str, worker_dir: Path) -> tuple[str, ...]:
     """Config overrides applied where the rendered config has the key (features not chosen lack it).
 
@@ -192,12 +205,13 @@ def tier_overrides(tier: str, worker_dir: Path) -> tuple[str, ...]:
     (starting its offline service costs ~1 s a run) and MLflow logs to one SQLite store per worker
     instead of a fresh store per run (creating the tables costs ~0.5 s a run). The logging tests prove
     each backend's real files. The exhaustive tier also accumulates over 2 batches (each DDP rank sees 4,
-    so it still takes 2 optimiser steps) and narrows the model where it has a width (``model.width=8``).
+    so it still takes 2 optimiser steps), narrows the model where it has a width (``model.width=8``) and turns
+    on every augmentation of RECIPE_OVERRIDES.
     """
     cheap_loggers = ("log.wandb_mode=disabled", f"log.mlflow_tracking_uri=sqlite:///{worker_dir / 'mlflow.db'}")
     if tier != "exhaustive":
         return ("compile_backend=eager", *cheap_loggers)
-    return ("model.width=8", "optim.accumulation_steps=2", "compile_backend=eager", *cheap_loggers)
+    return ("model.width=8", "optim.accumulation_steps=2", "compile_backend=eager", *RECIPE_OVERRIDES, *cheap_loggers)
 
 
 @dataclass
