@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 
+import pytest
 import torch
 from rendering import (
     INTERRUPTED_RUN,
@@ -125,9 +126,14 @@ def test_the_default_project_learns_the_digits_with_its_own_config(default_proje
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 20
     assert summary["best_metric"] >= 0.98, summary
+    # Training accuracy, on the training batches' hard labels, rises with the epochs.
+    train_accuracy = [float(dict(fields)["train_accuracy"]) for fields in epoch_lines(result.stdout).values()]
+    assert len(train_accuracy) == 20 and train_accuracy[0] < 0.9 and train_accuracy[-1] >= 0.98, train_accuracy
+    assert summary["final_metrics"]["train_accuracy"] == pytest.approx(train_accuracy[-1], abs=1e-4)
 
     # The README's sample output is this run's: its epochs, columns and learning rates as printed, its
-    # losses and accuracy within what another machine's arithmetic (or thread count) changes.
+    # losses and accuracy within what another machine's arithmetic (or thread count) changes; its speed
+    # is another machine's.
     sample, printed = epoch_lines((default_project / "README.md").read_text()), epoch_lines(result.stdout)
     assert "20/20" in sample and sample.keys() <= printed.keys(), (sample.keys(), printed.keys())
     for epoch, fields in sample.items():
@@ -135,7 +141,11 @@ def test_the_default_project_learns_the_digits_with_its_own_config(default_proje
         assert [name for name, _ in fields] == [name for name, _ in printed[epoch]], (epoch, fields)
         for name, value in fields:
             shown, ran = float(value.split()[0]), float(real[name].split()[0])
-            if name == "lr":
+            if name == "samples_per_s":
+                assert shown > 0 and ran > 0, (epoch, value, real[name])
+            elif name == "data_wait":
+                assert 0 <= shown <= 1 and 0 <= ran <= 1, (epoch, value, real[name])
+            elif name == "lr":
                 assert value == real[name], (epoch, value, real[name])
             else:
                 assert abs(shown - ran) <= 0.05 + 0.25 * ran, (epoch, name, value, real[name])

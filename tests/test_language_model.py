@@ -51,7 +51,7 @@ def test_a_short_run_learns_far_beyond_the_texts_byte_frequencies(trained):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_metric_name"] == "val_loss"
     metrics = summary["final_metrics"]
-    assert metrics.keys() == {"val_loss", "val_perplexity", "val_bits_per_byte"}
+    assert metrics.keys() == {"val_loss", "val_perplexity", "val_bits_per_byte", "samples_per_s", "data_wait"}
     assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
     assert "next: python -m my_project.evaluate" in stdout and "python -m my_project.generate" in stdout
 

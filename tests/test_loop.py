@@ -3,6 +3,8 @@
 Host reads (``item``, ``tolist``, ``__bool__``, ``__float__``, ``__int__``, ``cpu``) and collectives
 are counted where the project's own code makes them, during ``train_one_epoch``: on a GPU each read
 waits for the device, so the bound is one read per ``log.every_n_steps`` steps and one at the epoch's end.
+The same reads bring back the training accuracy, the samples per second and the share of time spent
+waiting for data.
 """
 
 from __future__ import annotations
@@ -79,6 +81,12 @@ def assert_reads_bounded(counts: dict, every_n_steps: int) -> None:
     assert 0 < counts["reads"] <= bound, counts
 
 
+def assert_epoch_figures_measured(run_dir: Path) -> None:
+    """The training accuracy, samples per second and data wait that rode on the counted reads."""
+    final = json.loads((run_dir / "summary.json").read_text())["final_metrics"]
+    assert 0 < final["train_accuracy"] <= 1 and final["samples_per_s"] > 0 and 0 <= final["data_wait"] <= 1, final
+
+
 def test_a_single_process_epoch_reads_the_device_once_per_window(default_project, tmp_path):
     record = tmp_path / "counts"
     overrides = (*LONG_EPOCH, "epochs=1", "log.every_n_steps=50", f"output_dir={tmp_path / 'run'}")
@@ -86,6 +94,7 @@ def test_a_single_process_epoch_reads_the_device_once_per_window(default_project
     counts = json.loads(Path(f"{record}.0").read_text())
     assert_reads_bounded(counts, 50)
     assert counts["collectives"] == 0
+    assert_epoch_figures_measured(tmp_path / "run")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +127,7 @@ def test_each_ddp_rank_reads_and_all_reduces_once_per_window(ddp_project, tmp_pa
         assert_reads_bounded(counts, 50)
         # Between two reads, only DDP's own gradient all-reduce (in C++, not counted here) runs.
         assert counts["collectives"] == counts["reads"], counts
+    assert_epoch_figures_measured(tmp_path / "run")
 
 
 def load(path: Path) -> dict:

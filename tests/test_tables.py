@@ -113,6 +113,10 @@ def test_classification_of_a_table_learns_evaluates_and_predicts_classes_with_pr
     check(run_module(project, "evaluate", best), "evaluate", project)
     scores = json.loads((run / "evaluations" / "best-val" / "evaluation.json").read_text())
     assert scores["accuracy"] >= 0.9 and scores["classes"] == ["class_0", "class_1", "class_2"], scores
+    # Three classes: every one is in the top 5, so no top-5 accuracy is reported; training accuracy is.
+    final = json.loads((run / "summary.json").read_text())["final_metrics"]
+    assert "top5_accuracy" not in scores and "val_top5_accuracy" not in final, final
+    assert 0.9 <= final["train_accuracy"] <= 1, final
     assert (run / "evaluations" / "best-val" / "confusion_matrix.png").is_file()
     # The sample table itself, its target column dropped: predict needs only the columns the model reads.
     sample = read_csv(project / "data" / "sample-table.csv")
