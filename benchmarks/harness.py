@@ -19,17 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from questionnaire import Question, questions  # noqa: E402
-from rendering import render, snapshot_template  # noqa: E402
+if TYPE_CHECKING:
+    from questionnaire import Question
 
 
 def question_or_none(name: str) -> Question | None:
     """The copier.yml question ``name``, or None while the template does not ask it."""
+    from questionnaire import questions
+
     return next((q for q in questions() if q.name == name), None)
 
 
@@ -50,6 +52,10 @@ class RenderedProject:
 
 def render_project(workdir: Path, package: str, answers: dict[str, Any]) -> RenderedProject:
     """Render the template's working tree with ``answers`` and make the package importable."""
+    # Imported here, not at the top: a process that only trains a rendered project (a benchmark's worker)
+    # does not load Copier, whose memory would count in its peak RSS.
+    from rendering import render, snapshot_template
+
     template = workdir / "template"
     if not template.exists():
         snapshot_template(template)
