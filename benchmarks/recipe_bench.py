@@ -41,9 +41,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import multiprocessing
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import EpochTimes, render_project, timed_fit
+from harness import EpochTimes, render_project, summarise, timed_fit
 from PIL import Image
 
 PACKAGE = "recipe_bench_project"
@@ -253,6 +255,7 @@ class Run:
 
     output: str
     seconds: float
+    cpu_seconds: float  # user + system, of the process and its reaped children
     peak_rss_mib: float
 
 
@@ -274,14 +277,15 @@ def run_measured(command: list[str], cwd: Path | None, env: dict[str, str], time
         output = log.read()
     if process.returncode != 0:
         raise SystemExit(f"{command[2]} failed (exit status {process.returncode}):\n{output[-3000:]}")
-    return Run(output, seconds, usage.ru_maxrss / 1024)
+    return Run(output, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
 
 
 def figures_of(run: Run) -> dict[str, Any]:
     line = next((line for line in reversed(run.output.splitlines()) if line.startswith(RESULT)), None)
     if line is None:
         raise SystemExit(f"the run printed no figures:\n{run.output[-3000:]}")
-    return {**json.loads(line[len(RESULT) :]), "run_s": run.seconds, "peak_rss_mib": run.peak_rss_mib}
+    figures = json.loads(line[len(RESULT) :])
+    return {**figures, "run_s": run.seconds, "run_cpu_s": run.cpu_seconds, "peak_rss_mib": run.peak_rss_mib}
 
 
 def environment(threads: int) -> dict[str, str]:
@@ -293,10 +297,29 @@ def environment(threads: int) -> dict[str, str]:
     }
 
 
-def samples_per_s(samples: list[int], seconds: list[float]) -> float:
-    """Over the epochs after the first (over the only one when there is one)."""
-    skip = 1 if len(seconds) > 1 else 0
-    return sum(samples[skip:]) / sum(seconds[skip:])
+def process_tree_cpu_s() -> float:
+    """CPU seconds so far of this process (all its threads), of the children it has reaped and of its live
+    multiprocessing children (the loader workers that persist between epochs), read from /proc."""
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = time.process_time() + reaped.ru_utime + reaped.ru_stime
+    for child in multiprocessing.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # no /proc, or the child has just ended (then it counts among the reaped)
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
+
+
+def epoch_figures(times: EpochTimes, samples: list[int]) -> dict[str, Any]:
+    """Samples per second and per CPU second over the epochs after the first (the only one if one)."""
+    skip = 1 if len(samples) > 1 else 0
+    timed = sum(samples[skip:])
+    return {
+        "samples_per_s": timed / sum(times.seconds[skip:]),
+        "samples_per_cpu_s": timed / sum(times.cpu_seconds[skip:]),
+        "epoch_s": times.seconds,
+    }
 
 
 def rendered_worker(project_dir: Path, overrides: list[str]) -> None:
@@ -305,13 +328,12 @@ def rendered_worker(project_dir: Path, overrides: list[str]) -> None:
     from harness import RenderedProject
 
     project = RenderedProject(project_dir, PACKAGE)
-    times = timed_fit(project, overrides)
+    times = timed_fit(project, overrides, cpu_clock=process_tree_cpu_s)
     cfg = project.config.load_config(None, overrides)
     metrics = json.loads((Path(cfg.output_dir) / "summary.json").read_text())["final_metrics"]
     samples = [steps * cfg.data.batch_size for steps in times.steps]  # full batches only (drop_last)
     figures = {
-        "samples_per_s": samples_per_s(samples, times.seconds),
-        "epoch_s": times.seconds,
+        **epoch_figures(times, samples),
         "val_top1": 100 * metrics["val_accuracy"],
         "val_top5": 100 * metrics["val_top5_accuracy"] if "val_top5_accuracy" in metrics else None,
     }
@@ -328,7 +350,7 @@ def torchvision_worker(references: Path, arguments: list[str]) -> None:
 
     original = reference.train_one_epoch
     signature = inspect.signature(original)
-    times, samples = EpochTimes(), []
+    times, samples = EpochTimes(cpu_clock=process_tree_cpu_s), []
 
     def timed_train_one_epoch(*args, **kwargs):
         loader = signature.bind(*args, **kwargs).arguments["data_loader"]
@@ -339,8 +361,7 @@ def torchvision_worker(references: Path, arguments: list[str]) -> None:
 
     reference.train_one_epoch = timed_train_one_epoch
     reference.main(reference.get_args_parser().parse_args(arguments))
-    figures = {"samples_per_s": samples_per_s(samples, times.seconds), "epoch_s": times.seconds}
-    print(RESULT + json.dumps(figures), flush=True)
+    print(RESULT + json.dumps(epoch_figures(times, samples)), flush=True)
 
 
 def run_rendered(project_dir: Path, overrides: list[str], args: argparse.Namespace, timeout: float) -> dict[str, Any]:
@@ -397,23 +418,35 @@ def report(results: dict[str, list[dict[str, Any]]], plan_: Plan, args: argparse
         names = ", ".join(setting.key for setting in plan_.left_out)
         print(f"  left out on both sides (the rendered config has no such key yet): {names}")
     figures: dict[str, Any] = {"settings": plan_.overrides(), "left_out": [setting.key for setting in plan_.left_out]}
+    print("  medians (spread: min/max against the median); the rates over the epochs after the first")
+    print(
+        f"  {'':11} {'samples/s (wall)':>24} {'samples per CPU-s':>24}  {'val top-1 % (each repeat)':27}"
+        f"{'peak RSS':>10} {'whole run: wall, CPU':>22}"
+    )
     for name, runs in results.items():
-        figures[name] = {key: [run[key] for run in runs] for key in runs[0]}
-        rates, top1 = figures[name]["samples_per_s"], figures[name]["val_top1"]
-        mid = statistics.median(rates)
-        spread = f"({min(rates) / mid - 1:+.1%}/{max(rates) / mid - 1:+.1%})"
+        figures[name] = each = {key: [run[key] for run in runs] for key in runs[0]}
+        top1 = f"{statistics.median(each['val_top1']):5.1f} ({listed(each['val_top1'], '.1f')})"
         print(
-            f"  {name:11} {mid:7.1f} samples/s {spread:16}  val top-1 {statistics.median(top1):5.1f}% "
-            f"({listed(top1, '.1f')})  peak RSS {statistics.median(figures[name]['peak_rss_mib']):5.0f} MiB  "
-            f"whole run {statistics.median(figures[name]['run_s']):5.1f} s"
+            f"  {name:11} {summarise(each['samples_per_s']):>24} {summarise(each['samples_per_cpu_s']):>24}  "
+            f"{top1:27}{statistics.median(each['peak_rss_mib']):6.0f} MiB "
+            f"{statistics.median(each['run_s']):9.1f} s, {statistics.median(each['run_cpu_s']):5.1f} s"
         )
+    outside = {
+        name: statistics.median(run["run_s"] - sum(run["epoch_s"]) for run in runs) for name, runs in results.items()
+    }
+    print(
+        "  whole run outside train_one_epoch (start-up, validation, checkpoints; wall): "
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in outside.items())
+    )
     if "torchvision" in results:
-        pairs = zip(results["rendered"], results["torchvision"], strict=True)
-        ratios = [rendered["samples_per_s"] / reference["samples_per_s"] for rendered, reference in pairs]
-        figures["ratio"] = ratios
-        print(
-            f"  rendered / torchvision samples/s: {statistics.median(ratios):.3f} (per repeat: {listed(ratios, '.3f')})"
-        )
+        for clock, key in (("wall", "samples_per_s"), ("CPU", "samples_per_cpu_s")):
+            pairs = zip(results["rendered"], results["torchvision"], strict=True)
+            ratios = [rendered[key] / reference[key] for rendered, reference in pairs]
+            figures[f"ratio_{clock.lower()}"] = ratios
+            print(
+                f"  rendered / torchvision samples/s ({clock}): {statistics.median(ratios):.3f} "
+                f"(per repeat: {listed(ratios, '.3f')})"
+            )
         print(f"  torchvision's references: {revision(args.torchvision_references)}")
     return figures
 
