@@ -30,7 +30,9 @@ Figures, medians over the repeats:
   same way in this script's ``--torchvision-worker`` mode). Data loading is inside the window on both
   sides (torchvision's workers start again every epoch, the rendered ones persist); validation,
   checkpoints and start-up are outside. torchvision's own ``img/s`` meter is not used: it times each
-  step from after the batch has arrived, so it leaves data loading out.
+  step from after the batch has arrived, so it leaves data loading out. Beside it, samples per CPU-second
+  of the same epochs, counting the whole process tree (``process_tree_cpu_s``: loader workers included):
+  steadier than the wall clock on a shared machine.
 - validation top-1 after the last epoch (torchvision's ``evaluate``, the rendered ``val_accuracy``).
 - peak memory: the largest resident set (``ru_maxrss``) of the run's process and of its loader workers, as
   ``wait4`` reports it for the whole process tree when the run ends.
