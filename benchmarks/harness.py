@@ -19,17 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from questionnaire import Question, questions  # noqa: E402
-from rendering import render, snapshot_template  # noqa: E402
+if TYPE_CHECKING:
+    from questionnaire import Question
 
 
 def question_or_none(name: str) -> Question | None:
     """The copier.yml question ``name``, or None while the template does not ask it."""
+    from questionnaire import questions
+
     return next((q for q in questions() if q.name == name), None)
 
 
@@ -50,6 +52,10 @@ class RenderedProject:
 
 def render_project(workdir: Path, package: str, answers: dict[str, Any]) -> RenderedProject:
     """Render the template's working tree with ``answers`` and make the package importable."""
+    # Imported here, not at the top: a process that only trains a rendered project (a benchmark's worker)
+    # does not load Copier, whose memory would count in its peak RSS.
+    from rendering import render, snapshot_template
+
     template = workdir / "template"
     if not template.exists():
         snapshot_template(template)
@@ -71,20 +77,22 @@ class NullTerminal(io.TextIOBase):
 
 @dataclass
 class EpochTimes:
-    """Per-epoch wall-clock and CPU time (``time.process_time``: all of this process's threads)."""
+    """Per-epoch wall-clock and CPU time (``cpu_clock``; by default ``time.process_time``: all of this
+    process's threads)."""
 
     seconds: list[float] = field(default_factory=list)
     cpu_seconds: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     fit_seconds: float = 0.0
+    cpu_clock: Callable[[], float] = time.process_time
 
     @contextlib.contextmanager
     def epoch(self, count_steps):
         """Time the block as one epoch; ``count_steps()`` gives the steps done so far."""
-        steps, wall, cpu = count_steps(), time.perf_counter(), time.process_time()
+        steps, wall, cpu = count_steps(), time.perf_counter(), self.cpu_clock()
         yield
         self.seconds.append(time.perf_counter() - wall)
-        self.cpu_seconds.append(time.process_time() - cpu)
+        self.cpu_seconds.append(self.cpu_clock() - cpu)
         self.steps.append(count_steps() - steps)
 
     def steps_per_second(self, skip: int = 1) -> float:
@@ -102,18 +110,20 @@ def timed_fit(
     *,
     terminal: bool = False,
     beside_epoch: Callable[[dict[str, Any]], None] | None = None,
+    cpu_clock: Callable[[], float] = time.process_time,
 ) -> EpochTimes:
     """Run the rendered ``fit()`` and time each call of its ``train_one_epoch``.
 
     ``terminal``: stderr looks like a terminal (so a progress bar is drawn, into nothing).
     ``beside_epoch``: called, untimed, with ``train_one_epoch``'s arguments by name: after the first
     epoch and then before and after the timed epoch in turn (before on even-numbered calls).
+    ``cpu_clock``: the CPU seconds so far that ``EpochTimes.cpu_seconds`` counts.
     """
     train = project.train
     cfg = project.config.load_config(None, overrides)
     original = train.train_one_epoch
     signature = inspect.signature(original)
-    times = EpochTimes()
+    times = EpochTimes(cpu_clock=cpu_clock)
 
     def timed_train_one_epoch(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments

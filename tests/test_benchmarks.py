@@ -123,3 +123,79 @@ def test_language_model_benchmark_reads_nanogpts_step_times_and_final_evaluation
     figures = lm_bench.parse_nanogpt(output, args)
     assert figures["val_loss"] == 3.2
     assert figures["tokens_per_s"] == pytest.approx(2 * 2 * 8 / (0.102 + 0.103))  # iterations 2 and 3
+
+
+def test_recipe_benchmark_quick_mode_trains_the_rendered_classifier_on_image_folders(tmp_path):
+    """The rendered side of recipe_bench.py (torchvision's references are a checkout the user points to)."""
+    out = tmp_path / "figures.json"
+    result = timing.run([sys.executable, str(BENCHMARKS / "recipe_bench.py"), "--quick", "--json", str(out)], 180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert "torchvision" not in figures and "ratio" not in figures
+    rendered = figures["rendered"]
+    assert rendered["samples_per_s"][0] > 0 and len(rendered["epoch_s"][0]) == 2  # --quick: 2 epochs, 1 timed
+    assert 0 <= rendered["val_top1"][0] <= 100
+    assert rendered["peak_rss_mib"][0] > 50  # a process that imported torch and trained a ResNet
+    assert {"model.arch=resnet18", "data.crop_scale=0.08", "optim.nesterov=false"} <= set(figures["settings"])
+
+
+def recipe_bench_module():
+    sys.path.insert(0, str(BENCHMARKS))
+    import recipe_bench
+
+    return recipe_bench
+
+
+def test_recipe_benchmark_gives_a_recipe_setting_to_both_sides_only_where_the_rendered_config_has_its_key(tmp_path):
+    recipe_bench = recipe_bench_module()
+    args = recipe_bench.parse_args(["--quick"])
+    today = {setting.key for setting in recipe_bench.base_settings(args)} | {"data.image_size", "data.crop_fraction"}
+    args.recipe = "modern"
+
+    before = recipe_bench.plan(args, today)
+    assert not any(override.startswith("loss.label_smoothing") for override in before.overrides())
+    assert "--label-smoothing" not in before.flags() and "--auto-augment" not in before.flags()
+    assert {setting.key for setting in before.left_out} >= {"loss.label_smoothing", "data.auto_augment"}
+
+    landed = today | {"loss.label_smoothing", "data.auto_augment", "data.train_crop_size", "data.val_resize_size"}
+    after = recipe_bench.plan(args, landed | {"data.val_crop_size", "optim.norm_weight_decay"})
+    assert {"loss.label_smoothing=0.1", "data.auto_augment=trivialaugment", "optim.norm_weight_decay=0.0"} <= set(
+        after.overrides()
+    )
+    assert {"data.train_crop_size=16", "data.val_resize_size=20", "data.val_crop_size=16"} <= set(after.overrides())
+    flags = recipe_bench.torchvision_arguments(after, tmp_path, tmp_path, args)
+    assert flags[flags.index("--label-smoothing") + 1] == "0.1"
+    assert flags[flags.index("--auto-augment") + 1] == "ta_wide"
+    assert "data.mixup_alpha" in {setting.key for setting in after.left_out}
+    assert "--mixup-alpha" not in flags
+    # torchvision's crop sizes are given once, whichever keys the rendered config has
+    assert [flag.split("=")[0] for flag in flags].count("--train-crop-size") == 1
+
+    args.recipe = "plain"
+    plain = recipe_bench.plan(args, landed)
+    assert "--label-smoothing" not in plain.flags() and not plain.left_out
+
+
+def test_recipe_benchmark_refuses_a_rendered_config_without_a_base_setting():
+    recipe_bench = recipe_bench_module()
+    args = recipe_bench.parse_args(["--quick"])
+    keys = {setting.key for setting in recipe_bench.base_settings(args)} | {"data.image_size", "data.crop_fraction"}
+    with pytest.raises(SystemExit, match="optim.momentum"):
+        recipe_bench.plan(args, keys - {"optim.momentum"})
+
+
+def test_recipe_benchmark_reads_nested_keys_from_a_schema_with_or_without_definitions(tmp_path):
+    recipe_bench = recipe_bench_module()
+    section = {"type": "object", "properties": {"label_smoothing": {"type": "number"}}}
+    inline = {"properties": {"epochs": {"type": "integer"}, "loss": section}}
+    referenced = {
+        "$defs": {"LossConfig": section},
+        "properties": {
+            "epochs": {"type": "integer"},
+            "loss": {"anyOf": [{"$ref": "#/$defs/LossConfig"}, {"type": "null"}]},
+        },
+    }
+    for schema in (inline, referenced):
+        (tmp_path / "configs").mkdir(exist_ok=True)
+        (tmp_path / "configs" / "schema.json").write_text(json.dumps(schema))
+        assert recipe_bench.config_keys(tmp_path) == {"epochs", "loss", "loss.label_smoothing"}
