@@ -109,8 +109,8 @@ def test_a_conflicting_edit_is_shown_as_a_conflict_never_silently_overwritten(te
 
     edit(
         template_repo / "config_keys.jinja",
-        '{"key": "batch_size", "type": "int", "default": 64',
-        '{"key": "batch_size", "type": "int", "default": 32',
+        '{"key": "batch_size", "type": "int", "default": 16 if lm else 64',
+        '{"key": "batch_size", "type": "int", "default": 16 if lm else 32',
     )
     commit_all(template_repo, "template 0.2.0", tag="v0.2.0")
 
