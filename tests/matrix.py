@@ -186,7 +186,7 @@ WORKER_ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS"
 # The classification recipe's augmentations, all at once, in the exhaustive tier's runs of every render that has
 # them (pictures to classify): settings of the runs, not an axis of renders. What each does is proven by the
 # rendered projects' own test_augmentation.
-RECIPE_OVERRIDES = (
+AUGMENTATION_OVERRIDES = (
     "data.auto_augment=trivialaugment",
     "data.random_erase=0.25",
     "data.mixup_alpha=0.2",
@@ -204,14 +204,26 @@ def tier_overrides(tier: str, worker_dir: Path) -> tuple[str, ...]:
     logging backend's code path but make the two costly ones cheap: wandb runs in its ``disabled`` mode
     (starting its offline service costs ~1 s a run) and MLflow logs to one SQLite store per worker
     instead of a fresh store per run (creating the tables costs ~0.5 s a run). The logging tests prove
-    each backend's real files. The exhaustive tier also accumulates over 2 batches (each DDP rank sees 4,
-    so it still takes 2 optimiser steps), narrows the model where it has a width (``model.width=8``) and turns
-    on every augmentation of RECIPE_OVERRIDES.
+    each backend's real files. Both switch the optimiser's training-recipe settings on (``RECIPE_OVERRIDES``).
+    The exhaustive tier also accumulates over 2 batches (each DDP rank sees 4, so it still takes 2 optimiser
+    steps), narrows the model where it has a width (``model.width=8``) and turns on every augmentation of
+    ``AUGMENTATION_OVERRIDES`` (the pairwise tier's runs must learn to their bars: they keep the plain data).
     """
     cheap_loggers = ("log.wandb_mode=disabled", f"log.mlflow_tracking_uri=sqlite:///{worker_dir / 'mlflow.db'}")
     if tier != "exhaustive":
-        return ("compile_backend=eager", *cheap_loggers)
-    return ("model.width=8", "optim.accumulation_steps=2", "compile_backend=eager", *RECIPE_OVERRIDES, *cheap_loggers)
+        return ("compile_backend=eager", *cheap_loggers, *RECIPE_OVERRIDES)
+    narrow = ("model.width=8", "optim.accumulation_steps=2", "compile_backend=eager")
+    return (*narrow, *cheap_loggers, *RECIPE_OVERRIDES, *AUGMENTATION_OVERRIDES)
+
+
+# The training-recipe settings, off by default, on in every run of the matrix: each meets every answer.
+RECIPE_OVERRIDES = (
+    "channels_last=true",
+    "optim.norm_weight_decay=null",
+    "optim.bias_weight_decay=0.0001",
+    "optim.ema_every_n_steps=2",
+    "schedule.warmup_method=constant",
+)
 
 
 @dataclass

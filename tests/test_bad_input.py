@@ -147,15 +147,23 @@ def test_duplicate_keys_absurd_sizes_and_a_scalar_for_a_pair_are_refused_naming_
 
 
 def test_a_resume_names_in_one_warning_the_changed_settings_it_does_not_apply(default_project, trained_run, tmp_path):
-    """optim.lr and schedule.min_lr live on in the optimiser's and the schedule's state; model.dropout applies."""
+    """optim.lr, optim.norm_weight_decay and schedule.min_lr live on in the optimiser's and the schedule's state
+    (the parameter groups are laid out alike whatever the decays); model.dropout applies."""
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    changed = ("optim.lr=0.01", "schedule.min_lr=0.001", "model.dropout=0.2", "optim.weight_decay=0.01")
+    changed = (
+        "optim.lr=0.01",
+        "schedule.min_lr=0.001",
+        "model.dropout=0.2",
+        "optim.weight_decay=0.01",
+        "optim.norm_weight_decay=0.05",
+    )
     result = train(default_project, *SMOKE_OVERRIDES, "epochs=2", "resume=auto", f"output_dir={run}", *changed)
     warnings = [line for line in result.stderr.splitlines() if "do not apply" in line]
     assert warnings == [
         "warning: a resume restores the checkpoint's training state, so these changed settings do not apply: "
-        "optim.lr=0.01 (the checkpoint's: 0.002), schedule.min_lr=0.001 (the checkpoint's: 0.0); "
+        "optim.lr=0.01 (the checkpoint's: 0.002), optim.norm_weight_decay=0.05 (the checkpoint's: 0.0), "
+        "schedule.min_lr=0.001 (the checkpoint's: 0.0); "
         "a new run, in another output_dir, takes them"
     ], result.stderr
 

@@ -27,8 +27,10 @@ def epoch_accuracies(stdout: str) -> list[float]:
     return [float(value) for value in re.findall(r"\| val_accuracy ([0-9.]+)", stdout)]
 
 
-def reference_lrs(scheduler_name: str, warmup: bool, base_lr: float, stdout: str) -> list[float]:
-    """The LR each epoch trains with (and, for OneCycle, the LR after the epoch's last step), from PyTorch."""
+def reference_lrs(scheduler_name: str, warmup: str | None, base_lr: float, stdout: str) -> list[float]:
+    """The LR each epoch trains with (and, for OneCycle, the LR after the epoch's last step), from PyTorch.
+
+    ``warmup``: None, or the method of two epochs of warmup from 0.1 * lr: linear or constant."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
     decay_epochs = EPOCHS - 2 if warmup else EPOCHS
     build = {
@@ -43,8 +45,11 @@ def reference_lrs(scheduler_name: str, warmup: bool, base_lr: float, stdout: str
         "plateau": lambda: lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0),
     }
     scheduler = build[scheduler_name]()
-    if warmup:
+    if warmup == "constant":  # torchvision's --lr-warmup-method constant
+        warm = lr_scheduler.ConstantLR(optimizer, factor=0.1, total_iters=2)
+    elif warmup == "linear":
         warm = lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=2)
+    if warmup:
         scheduler = lr_scheduler.SequentialLR(optimizer, [warm, scheduler], milestones=[2])
     lrs = []
     for accuracy in epoch_accuracies(stdout):
@@ -68,6 +73,10 @@ SCHEDULES = {
     "cosine": ({"scheduler": "cosine"}, ["schedule.min_lr=1e-4"]),
     "cosine+warmup": ({"scheduler": "cosine", "warmup": True}, ["schedule.min_lr=1e-4"]),
     "lambda+warmup": ({"scheduler": "lambda", "warmup": True}, ["schedule.power=2"]),
+    "step+constant warmup": (
+        {"scheduler": "step", "warmup": True},
+        ["schedule.warmup_method=constant", "schedule.step_size=1", "schedule.gamma=0.5"],
+    ),
     "onecycle+fp16": ({"scheduler": "onecycle", "amp": "fp16"}, []),
     "plateau": ({"scheduler": "plateau"}, ["schedule.patience=0", "schedule.factor=0.5"]),
 }
@@ -80,7 +89,8 @@ def test_schedule_matches_pytorch_each_epoch_and_resumes_bit_exact(render_projec
     common = (*FAST, *overrides)
     straight = train(project, *common, f"output_dir={tmp_path / 'straight'}")
 
-    expected = reference_lrs(answers["scheduler"], answers.get("warmup", False), 0.002, straight.stdout)
+    method = "constant" if "schedule.warmup_method=constant" in overrides else "linear"
+    expected = reference_lrs(answers["scheduler"], method if answers.get("warmup") else None, 0.002, straight.stdout)
     assert len(expected) == EPOCHS
     assert epoch_lrs(straight.stdout) == pytest.approx(expected, rel=6e-3)  # the line prints 3 digits
     final = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
@@ -266,3 +276,142 @@ def test_resuming_with_other_epochs_than_the_schedule_spans_is_refused_or_warned
     else:  # a cosine schedule goes on by its formula, with a warning
         assert result.returncode == 0, result.stderr
         assert "warning: the resumed schedule spans the 1 epochs it was built for" in result.stderr
+
+
+def test_resuming_with_another_warmup_method_is_refused(render_project, tmp_path):
+    project = render_project(scheduler="cosine", warmup=True)
+    train(project, *FAST, "epochs=1", "schedule.warmup_method=constant", f"output_dir={tmp_path}")
+    last = tmp_path / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    result = run_package_code(
+        project,
+        "import sys; importlib.import_module(pkg + '.train').main(sys.argv[1:])",
+        *FAST,
+        "resume=auto",
+        f"output_dir={tmp_path}",
+    )
+    assert result.returncode != 0
+    assert "schedule.warmup_method=linear, but the resumed run warms up with constant" in result.stderr
+    assert last.read_bytes() == before
+
+
+# Each parameter's (LR, weight decay) in the optimiser, by name, for several settings of the decays: on
+# the CNN (conv weight, BatchNorm weight and bias, linear weight and bias), its first block frozen where
+# the render freezes, and again once the frozen block is released into the optimiser.
+GROUPS_SNIPPET = """
+import json
+config = importlib.import_module(pkg + ".config")
+models = importlib.import_module(pkg + ".model")
+optim = importlib.import_module(pkg + ".optim")
+results = {}
+for name, overrides in CASES.items():
+    cfg = config.load_config(None, ["optim.weight_decay=0.01", *overrides])
+    torch.manual_seed(0)
+    model = models.SmallCNN(3, 10, width=4)
+    frozen = []
+    if FREEZING:
+        freezing = importlib.import_module(pkg + ".freezing")
+        frozen = freezing.freeze_first_children(model, 1)
+    optimizer = optim.build_optimizer(model, cfg.optim)
+    def settings():
+        by_param = {id(p): [g["lr"], g["weight_decay"]] for g in optimizer.param_groups for p in g["params"]}
+        return {key: by_param.get(id(param)) for key, param in model.named_parameters()}
+    results[name] = {"built": settings(), "groups": len(optimizer.param_groups)}
+    if frozen:
+        freezing.release(model, frozen, optimizer, cfg.optim)
+        results[name]["released"] = settings()
+print(json.dumps(results))
+"""
+
+DECAY_CASES = {
+    # name: (overrides, the decays of (weights, norm, bias))
+    "default": ((), (0.01, 0.0, 0.0)),
+    "null": (("optim.norm_weight_decay=null", "optim.bias_weight_decay=null"), (0.01, 0.01, 0.01)),
+    "numbers": (("optim.norm_weight_decay=0.003", "optim.bias_weight_decay=0.002"), (0.01, 0.003, 0.002)),
+    "norm null, bias number": (("optim.norm_weight_decay=null", "optim.bias_weight_decay=0.5"), (0.01, 0.01, 0.5)),
+}
+
+
+@pytest.mark.parametrize(
+    "answers", [{}, {"layer_lr": True}, {"freezing": "first_n"}], ids=["plain", "layer_lr", "first_n"]
+)
+def test_norm_and_bias_weight_decays_set_their_parameters_groups(render_project, answers):
+    project = render_project(scheduler="none", **answers)
+    layer_lr = answers.get("layer_lr", False)
+    cases = {
+        name: [*overrides, *(["optim.lr_multipliers={head.*: 10.0}"] if layer_lr else [])]
+        for name, (overrides, _) in DECAY_CASES.items()
+    }
+    code = f"import torch\nCASES = {cases!r}\nFREEZING = {'freezing' in answers}\n" + GROUPS_SNIPPET
+    result = run_package_code(project, code)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)
+    for name, (_, (weights, norm, bias)) in DECAY_CASES.items():
+        kinds = {
+            "block1.0.weight": weights,  # the first convolution
+            "block1.1.weight": norm,  # its BatchNorm
+            "block1.1.bias": bias,  # a norm layer's bias is a bias, as in torchvision's references
+            "head.1.weight": weights,
+            "head.1.bias": bias,
+        }
+        expected = {
+            key: [0.02 if layer_lr and key.startswith("head.") else 0.002, decay] for key, decay in kinds.items()
+        }
+        # The groups are laid out by kind whatever the decays: a resume with other decays fits the saved
+        # optimiser. Each kind once, or with layer_lr once per multiplier (the head has no norm layer).
+        assert results[name]["groups"] == (5 if layer_lr else 3), name
+        built = {key: results[name]["built"][key] for key in expected}
+        if "freezing" in answers:  # the frozen first block is left out until it is released
+            assert built == {key: None if key.startswith("block1.") else value for key, value in expected.items()}
+            assert {key: results[name]["released"][key] for key in expected} == expected, name
+        else:
+            assert built == expected, name
+
+
+def test_ema_every_n_steps_updates_at_multiples_with_decay_to_the_power_n_and_resumes_bit_exact(
+    render_project, tmp_path
+):
+    project = render_project(ema=True, scheduler="none")
+    every = 4  # steps 4, 8, ...: a run of 6 steps per epoch is interrupted one step into epoch 2, between updates
+    # Read back every step, so the stop signal sent in epoch 1's validation is acted on one step into epoch 2.
+    common = (*FAST, "optim.ema_decay=0.5", f"optim.ema_every_n_steps={every}", "log.every_n_steps=1")
+    train(project, *common, f"output_dir={tmp_path / 'straight'}")
+    final = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    assert final["progress"]["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert int(final["ema"]["n_averaged"]) == EPOCHS * STEPS_PER_EPOCH // every
+
+    interrupted = run_package_code(project, INTERRUPTED_RUN, *common, f"output_dir={tmp_path / 'split'}")
+    assert interrupted.returncode == 0, interrupted.stderr
+    saved = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["progress"]["global_step"] % every != 0  # saved between two updates
+    assert int(saved["ema"]["n_averaged"]) == saved["progress"]["global_step"] // every
+    train(project, *common, "resume=auto", f"output_dir={tmp_path / 'split'}")
+    resumed = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
+    for key, tensor in final["ema"].items():
+        assert torch.equal(tensor, resumed["ema"][key]), key
+
+    # The decay of one update: min(ema_decay, (1 + n) / (10 + n)) ** N, n the steps averaged so far.
+    code = """
+import torch
+config = importlib.import_module(pkg + ".config")
+optim = importlib.import_module(pkg + ".optim")
+cfg = config.load_config(None, ["optim.ema_decay=0.5", "optim.ema_every_n_steps=3"])
+model = torch.nn.Linear(1, 1, bias=False)
+torch.nn.init.zeros_(model.weight)
+ema = optim.ema_model(model, cfg.optim)
+averages = []
+for _ in range(5):
+    ema.update_parameters(model)  # the first update copies the weights
+    averages.append(ema.module.weight.item())
+    torch.nn.init.ones_(model.weight)
+print(averages)
+"""
+    result = run_package_code(project, code)
+    assert result.returncode == 0, result.stderr
+    average, expected = 0.0, [0.0]
+    for update in range(1, 5):
+        steps = 3 * update
+        decay = min(0.5, (1 + steps) / (10 + steps)) ** 3
+        average = decay * average + (1 - decay) * 1.0
+        expected.append(average)
+    assert json.loads(result.stdout) == pytest.approx(expected, rel=1e-6)

@@ -261,7 +261,9 @@ def test_a_pruned_trial_ends_its_run_cleanly_and_keeps_what_it_wrote(sweep_proje
 
 
 BAD_ARGUMENTS = {
-    "optim.lrr=1e-4:1e-1": "unknown config key 'optim.lrr'; valid keys here: lr, weight_decay, betas",
+    "optim.lrr=1e-4:1e-1": (
+        "unknown config key 'optim.lrr'; valid keys here: lr, weight_decay, betas, norm_weight_decay, bias_weight_decay"
+    ),
     "model.width=8.5:16": "model.width: expected int, got 8.5",
     "model.arch=cnn,transformer": "model.arch: unknown model 'transformer'; known: cnn, mlp",
     "model.dropout=0:0.5:log": "model.dropout=0:0.5:log: a log scale needs a low end above 0",
