@@ -75,6 +75,11 @@ CASES = {
     "checkpoint without random-number states": (drop_rng, [], "last.pt has no random-number state (rng)"),
     "negative seed": (None, ["seed=-1"], "seed must be >= 0, got -1"),
     "Adam betas out of range": (None, ["optim.betas=[1.5, 2]"], "optim.betas[0] must be < 1.0, got 1.5"),
+    "resume parting the norm and bias decays": (
+        None,
+        ["optim.bias_weight_decay=0.1"],
+        "optim.norm_weight_decay and optim.bias_weight_decay: in the resumed run they were equal",
+    ),
 }
 
 
@@ -147,8 +152,8 @@ def test_duplicate_keys_absurd_sizes_and_a_scalar_for_a_pair_are_refused_naming_
 
 
 def test_a_resume_names_in_one_warning_the_changed_settings_it_does_not_apply(default_project, trained_run, tmp_path):
-    """optim.lr, optim.norm_weight_decay and schedule.min_lr live on in the optimiser's and the schedule's state
-    (the parameter groups are laid out alike whatever the decays); model.dropout applies."""
+    """optim.lr, the norm and bias decays and schedule.min_lr live on in the optimiser's and the schedule's state
+    (the parameter groups are laid out alike while the two decays stay equal); model.dropout applies."""
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     changed = (
@@ -157,13 +162,14 @@ def test_a_resume_names_in_one_warning_the_changed_settings_it_does_not_apply(de
         "model.dropout=0.2",
         "optim.weight_decay=0.01",
         "optim.norm_weight_decay=0.05",
+        "optim.bias_weight_decay=0.05",
     )
     result = train(default_project, *SMOKE_OVERRIDES, "epochs=2", "resume=auto", f"output_dir={run}", *changed)
     warnings = [line for line in result.stderr.splitlines() if "do not apply" in line]
     assert warnings == [
         "warning: a resume restores the checkpoint's training state, so these changed settings do not apply: "
         "optim.lr=0.01 (the checkpoint's: 0.002), optim.norm_weight_decay=0.05 (the checkpoint's: 0.0), "
-        "schedule.min_lr=0.001 (the checkpoint's: 0.0); "
+        "optim.bias_weight_decay=0.05 (the checkpoint's: 0.0), schedule.min_lr=0.001 (the checkpoint's: 0.0); "
         "a new run, in another output_dir, takes them"
     ], result.stderr
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import timing
 import torch
 from rendering import (
     INTERRUPTED_RUN,
+    PREEMPTED_EXIT_CODE,
     SMOKE_OVERRIDES,
     project_env,
     run_module,
@@ -232,13 +234,16 @@ def test_a_run_holds_its_output_dir_while_it_trains_against_a_second_run_fresh_o
     assert_one_line_error(refused[0], f"output_dir {together} ")
     assert not (together / ".lock").exists() and (together / "summary.json").exists()
 
+    # A run long enough to be still training when the resume starts, stopped as a preempted job is.
     out = tmp_path / "run"
-    training = start("epochs=2", f"output_dir={out}")
+    training = start("epochs=100", f"output_dir={out}")
     budget = timing.Budget(60)
     while not (out / ".lock").exists():
         assert training.poll() is None and not budget.expired(), training.communicate()
         time.sleep(0.05)
-    resumed = run_module(default_project, "train", *common, "epochs=2", f"output_dir={out}", "resume=auto")
+    resumed = run_module(default_project, "train", *common, "epochs=100", f"output_dir={out}", "resume=auto")
     assert_one_line_error(resumed, f"output_dir {out} is in use by a run still training (pid {training.pid} on ")
-    assert timing.wait(training, 300) == 0
+    assert training.poll() is None, "the run ended before the resume was refused: the refusal proved nothing"
+    training.send_signal(signal.SIGTERM)
+    assert timing.wait(training, 300) == PREEMPTED_EXIT_CODE
     assert not (out / ".lock").exists()
