@@ -126,7 +126,7 @@ def test_exhaustive_product_counted_from_copier_yml_equals_the_enumeration():
 
 def _run_tier(tier, record_property):
     combos = tier_combinations(tier)
-    expected = len(combos) if tier == "pairwise" else exhaustive_size()
+    expected = exhaustive_size() if tier == "exhaustive" else len(combos)
     result = run_matrix(combos, tier)
     message = (
         f"{tier} tier: {result.trees().describe()}; rendered, and {len(result.trained)} trained, "
@@ -154,6 +154,12 @@ def _run_tier(tier, record_property):
 
 def test_pairwise_tier_every_combination_renders_trains_checkpoints_and_lints_clean(record_property):
     _run_tier("pairwise", record_property)
+
+
+@pytest.mark.slow
+def test_pairwise_segmentation_and_language_model_rows_learn_to_their_bars(record_property):
+    """The default pairwise tier trains these rows' smoke runs; here each learns as the other tasks' rows do."""
+    _run_tier("pairwise-learning", record_property)
 
 
 @pytest.mark.exhaustive
