@@ -82,7 +82,14 @@ SCHEDULES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SCHEDULES))
+# Beside the ones kept in the plain run (step with constant warmup, cosine with and without warmup,
+# exponential, OneCycle, plateau), these repeat the same epoch-stepped path: `pytest -m slow` runs them.
+SLOW_SCHEDULES = ("step", "multistep", "lambda+warmup")
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW_SCHEDULES else case for case in SCHEDULES]
+)
 def test_schedule_matches_pytorch_each_epoch_and_resumes_bit_exact(render_project, tmp_path, case):
     answers, overrides = SCHEDULES[case]
     project = render_project(**answers)

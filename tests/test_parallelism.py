@@ -143,6 +143,7 @@ def test_gpu_check_script_skips_cleanly_without_a_gpu():
     assert "no GPU, skipped" in result.stdout
 
 
+@pytest.mark.slow  # the pairwise matrix's DDP rows learn to their bars in the plain run
 def test_two_ddp_ranks_learn_as_well_as_one_process(render_project, tmp_path):
     """The global batch is split over the ranks: the same steps at the same learning rate, the same accuracy."""
     project = render_project(parallelism="ddp", device="cpu")
